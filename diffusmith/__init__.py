@@ -1,0 +1,1 @@
+"""diffusmith: run and fine-tune flow-matching diffusion transformers."""
