@@ -66,7 +66,7 @@ def _compile_rule(source: str, target: str) -> _Rule:
 def _fill(target: str, values: Sequence[str]) -> str:
     parts = target.split(_WILDCARD)
     out = [parts[0]]
-    for value, part in zip(values, parts[1:]):
+    for value, part in zip(values, parts[1:], strict=False):
         out.append(value)
         out.append(part)
     return "".join(out)

@@ -139,7 +139,7 @@ def _shards_from_index(index: Path) -> tuple[list[Path], dict[str, str]]:
         raise DiffusmithError(f"{index} has no 'weight_map' table; it is not a shard index, or it is damaged")
     names = sorted(set(weight_map.values()))
     shards = [index.parent / name for name in names]
-    missing = [name for name, shard in zip(names, shards) if not shard.is_file()]
+    missing = [name for name, shard in zip(names, shards, strict=False) if not shard.is_file()]
     if missing:
         listed = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise DiffusmithError(

@@ -320,7 +320,7 @@ def select_prompt_tokens(
     Returns (embeds (B, T, D), mask (B, T) long). Works for left or right tokenizer padding."""
     batch, _, width = hidden.shape
     # Index, never multiply: padded positions may hold NaN (fully masked attention rows).
-    rows = [h[m][PROMPT_TEMPLATE_DROP:] for h, m in zip(hidden, attention_mask.bool())]  # each (L_i, D)
+    rows = [h[m][PROMPT_TEMPLATE_DROP:] for h, m in zip(hidden, attention_mask.bool(), strict=False)]  # each (L_i, D)
     length = min(max(row.shape[0] for row in rows), max_sequence_length)
     embeds = hidden.new_zeros(batch, length, width)  # (B, T, D)
     mask = torch.zeros(batch, length, dtype=torch.long, device=hidden.device)  # (B, T)

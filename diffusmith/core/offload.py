@@ -1,0 +1,111 @@
+"""Where models live: all on the device, one model at a time, or streamed one block at a time.
+
+- ``none``: every model stays on the compute device.
+- ``model``: models wait in CPU memory; ``load_models_to_device(names)`` moves just the named ones over.
+- ``sequential``: weights stay in (pinned) CPU memory and each block / layer is copied to the device just
+  before it runs and dropped right after, so the model never needs more than one block of device memory.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DiffusmithError
+
+OFFLOAD_DEVICE = torch.device("cpu")
+
+
+class OffloadMode(str, enum.Enum):
+    NONE = "none"
+    MODEL = "model"
+    SEQUENTIAL = "sequential"
+
+    @classmethod
+    def parse(cls, value: OffloadMode | str | None) -> OffloadMode:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value or "none")
+        except ValueError:
+            raise DiffusmithError(f"unknown offload mode {value!r}: use none, model or sequential") from None
+
+
+class _Streamer:
+    """Copies one module's tensors to the device before its forward and points them back after."""
+
+    def __init__(self, module: nn.Module, device: torch.device, recurse: bool):
+        self.device = device
+        self.tensors: list[tuple[Any, torch.Tensor]] = []
+        pin = device.type == "cuda" and torch.cuda.is_available()
+        for t in [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]:
+            host = t.data.to(OFFLOAD_DEVICE)
+            if pin:
+                host = host.pin_memory()
+            t.data = host
+            self.tensors.append((t, host))
+        module.register_forward_pre_hook(self.onload)
+        module.register_forward_hook(self.offload)
+
+    def onload(self, module: nn.Module, args: Any) -> None:
+        for t, host in self.tensors:
+            t.data = host.to(self.device, non_blocking=True)
+
+    def offload(self, module: nn.Module, args: Any, output: Any) -> None:
+        # weights are not changed by inference: drop the device copy, the host copy is still the truth
+        for t, host in self.tensors:
+            t.data = host
+
+
+def enable_sequential_offload(model: nn.Module, device: torch.device) -> None:
+    """Stream ``model`` block by block: its repeated blocks (declared by the model as ``repeated_blocks``,
+    the name of a ModuleList) move as a whole, every other module with own tensors moves on its own."""
+    blocks_name = getattr(model, "repeated_blocks", None)
+    blocks = list(getattr(model, blocks_name)) if blocks_name else []
+    inside_blocks = {id(m) for b in blocks for m in b.modules()}
+    for block in blocks:
+        _Streamer(block, device, recurse=True)
+    for module in model.modules():
+        if id(module) in inside_blocks:
+            continue
+        has_own = any(True for _ in module.parameters(recurse=False)) or any(
+            True for _ in module.buffers(recurse=False))
+        if has_own:
+            _Streamer(module, device, recurse=False)
+
+
+class ModelPlacer:
+    """Applies an offload mode to the models of a pipeline."""
+
+    def __init__(self, pipe: Any, mode: OffloadMode):
+        self.pipe = pipe
+        self.mode = mode
+
+    def place_all(self) -> None:
+        """Initial placement, once the models are loaded (CPU-resident after loading)."""
+        for model in self.pipe.models().values():
+            if self.mode is OffloadMode.NONE:
+                model.to(self.pipe.device)
+            elif self.mode is OffloadMode.SEQUENTIAL:
+                enable_sequential_offload(model, self.pipe.device)
+            else:
+                model.to(OFFLOAD_DEVICE)
+
+    def onload(self, names: Iterable[str]) -> None:
+        if self.mode is not OffloadMode.MODEL:
+            return
+        wanted = set(names)
+        unknown = wanted - set(self.pipe.model_names)
+        if unknown:
+            raise KeyError(f"load_models_to_device: unknown model name(s) {sorted(unknown)}")
+        models = self.pipe.models()
+        for name, model in models.items():  # free first, then fill, so peak memory stays low
+            if name not in wanted:
+                model.to(OFFLOAD_DEVICE)
+        for name in wanted:
+            if name in models:
+                models[name].to(self.pipe.device)

@@ -1,0 +1,72 @@
+"""The command line: a picture from `diffusmith generate`, and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusmith.cli import main
+
+BASE = ["generate", "--prompt", "a red circle", "--steps", "2", "--height", "64", "--width", "64",
+        "--device", "cpu", "--dtype", "fp32"]
+
+
+def test_generate_writes_the_same_picture_as_the_python_api(tiny_qwen, tmp_path):
+    from diffusmith import QwenImagePipeline
+
+    folder, _ = tiny_qwen
+    out = tmp_path / "sub" / "out.png"
+    assert main([*BASE, "--model", str(folder), "--seed", "3", "-o", str(out)]) == 0
+    pipe = QwenImagePipeline.from_pretrained(folder)
+    expected = pipe(prompt="a red circle", height=64, width=64, num_inference_steps=2, seed=3,
+                    progress_bar=False)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    assert [p.name for p in out.parent.iterdir()] == ["out.png"]  # no partial file left behind
+
+
+def test_inspect_tells_which_model_a_file_is(tiny_qwen, capsys):
+    folder, _ = tiny_qwen
+    weights = next((folder / "vae").glob("*.safetensors"))
+    assert main(["inspect", str(weights)]) == 0
+    assert "vae" in capsys.readouterr().out.lower()
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--model", "no/such/folder/here"], "not found"),
+    (["--model", "{model}", "--device", "quantum"], "unknown device"),
+    (["--model", "{model}", "--dtype", "fp7"], "unknown dtype"),
+    (["--model", "{model}", "--input-image", "missing.png"], "input image not found"),
+    (["--model", "{model}", "-o", "{tmp}/picture.gif"], "must end in"),
+])
+def test_user_mistakes_are_one_line(tiny_qwen, tmp_path, capsys, extra, match):
+    folder, _ = tiny_qwen
+    extra = [e.format(model=folder, tmp=tmp_path) for e in extra]
+    if "-o" not in extra:
+        extra += ["-o", str(tmp_path / "x.png")]
+    assert main([*BASE, *extra]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["generate", "--modle", "x", "--prompt", "p", "-o", "o.png"], "did you mean --model"),
+    (["generate", "--model", "x", "--prompt", "p", "--steps", "-3", "-o", "o.png"], "positive integer"),
+    (["generate", "--model", "x", "--prompt", "p", "--denoising-strength", "2", "-o", "o.png"], "(0, 1]"),
+])
+def test_bad_flags_are_one_line(capsys, argv, match):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "diffusmith", "--debug", "generate", "--model", str(tmp_path / "none"),
+           "--prompt", "p", "-o", str(tmp_path / "o.png")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" in result.stderr

@@ -1,0 +1,183 @@
+"""Whole-picture parity with the reference pipeline, the seed's unit, offload equivalence, size rounding."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusmith import DiffusmithError, PipelineUnit, QwenImagePipeline
+from diffusmith.pipelines.qwen_image import QwenImageUnit_InputImageEmbedder
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_qwen):
+    folder, _ = tiny_qwen
+    return QwenImagePipeline.from_pretrained(folder, device="cpu", torch_dtype=torch.float32)
+
+
+def reference_picture(ref, height, width, seed, negative_prompt=None, cfg=1.0, prompt="a red circle"):
+    out = ref(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=cfg, height=height, width=width,
+              num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
+    return np.asarray(out.images[0], dtype=np.int16)
+
+
+def ours(pipe, height, width, seed, negative_prompt="", cfg=1.0, prompt="a red circle", **kw):
+    image = pipe(prompt=prompt, negative_prompt=negative_prompt, cfg_scale=cfg, height=height, width=width,
+                 num_inference_steps=STEPS, seed=seed, progress_bar=False, **kw)
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (64, 96)])
+def test_text_to_image_matches_reference_without_cfg(tiny_qwen, pipe, height, width):
+    _, ref = tiny_qwen
+    expected = reference_picture(ref, height, width, seed=7)
+    got = ours(pipe, height, width, seed=7)
+    assert got.shape == (height, width, 3)
+    assert expected.std() > 1.0  # a picture, not a flat field: the comparison means something
+    assert np.abs(got - expected).max() <= 1
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (96, 64)])
+def test_text_to_image_matches_reference_with_true_cfg(tiny_qwen, pipe, height, width):
+    _, ref = tiny_qwen
+    expected = reference_picture(ref, height, width, seed=3, negative_prompt=" ", cfg=4.0)
+    got = ours(pipe, height, width, seed=3, negative_prompt=" ", cfg=4.0)
+    without_cfg = ours(pipe, height, width, seed=3)
+    assert np.abs(got - expected).max() <= 1
+    assert np.abs(got - without_cfg).max() > 1  # CFG really changed the picture
+
+
+def test_seed_controls_the_noise(pipe):
+    a, b = ours(pipe, 64, 64, seed=1), ours(pipe, 64, 64, seed=2)
+    assert np.abs(a - b).max() > 1
+    assert np.array_equal(a, ours(pipe, 64, 64, seed=1))
+
+
+# The seed document's unit, with only its import lines changed (../shared/seed/).
+class SeedInputImageEmbedder(PipelineUnit):
+    def __init__(self):
+        super().__init__(
+            input_params=("input_image", "noise", "tiled", "tile_size", "tile_stride"),
+            output_params=("latents", "input_latents"),
+            onload_model_names=("vae",)
+        )
+
+    def process(self, pipe: QwenImagePipeline, input_image, noise, tiled, tile_size, tile_stride):
+        if input_image is None:
+            return {"latents": noise, "input_latents": None}
+        pipe.load_models_to_device(['vae'])
+        image = pipe.preprocess_image(input_image).to(device=pipe.device, dtype=pipe.torch_dtype)
+        input_latents = pipe.vae.encode(image, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+        if pipe.scheduler.training:
+            return {"latents": noise, "input_latents": input_latents}
+        else:
+            latents = pipe.scheduler.add_noise(input_latents, noise, timestep=pipe.scheduler.timesteps[0])
+            return {"latents": latents, "input_latents": input_latents}
+
+
+def _gradient_image(height, width):
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x / width, y / height, 0.5 + 0.0 * x], axis=-1) * 255
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def test_seed_unit_runs_in_the_pipeline_and_matches_ours(tiny_qwen):
+    folder, _ = tiny_qwen
+    pipe = QwenImagePipeline.from_pretrained(folder)
+    source = _gradient_image(64, 64)
+    builtin = ours(pipe, 64, 64, seed=5, input_image=source, denoising_strength=0.6)
+    index = next(i for i, u in enumerate(pipe.units) if isinstance(u, QwenImageUnit_InputImageEmbedder))
+    pipe.units[index] = SeedInputImageEmbedder()
+    seeded = ours(pipe, 64, 64, seed=5, input_image=source, denoising_strength=0.6)
+    assert np.array_equal(builtin, seeded)
+    text_to_image = ours(pipe, 64, 64, seed=5)
+    assert np.abs(seeded - text_to_image).max() > 1  # the input image mattered
+
+
+def test_seed_unit_in_training_mode_returns_clean_latents_and_pure_noise(pipe):
+    unit = SeedInputImageEmbedder()
+    noise = torch.randn(1, 16, 8, 8)
+    pipe.scheduler.set_timesteps(2, image_seq_len=16)
+    pipe.scheduler.training = True
+    try:
+        out = unit.process(pipe, _gradient_image(64, 64), noise, False, 128, 64)
+    finally:
+        pipe.scheduler.training = False
+    assert out["latents"] is noise
+    assert out["input_latents"].shape == (1, 16, 8, 8)
+    pipe.scheduler.set_timesteps(2, image_seq_len=16)
+    inference = unit.process(pipe, _gradient_image(64, 64), noise, False, 128, 64)
+    sigma = pipe.scheduler.timesteps[0] / 1000
+    expected = (1 - sigma) * out["input_latents"] + sigma * noise
+    torch.testing.assert_close(inference["latents"], expected)
+
+
+def test_image_to_image_strength_keeps_the_input_closer(pipe):
+    # a random VAE does not reproduce pictures, so compare with the VAE round trip of the source
+    source = _gradient_image(64, 64)
+    with torch.no_grad():
+        x = pipe.preprocess_image(source)
+        roundtrip = np.asarray(pipe.postprocess_image(pipe.vae.decode(pipe.vae.encode(x)))[0], dtype=np.int16)
+    weak = ours(pipe, 64, 64, seed=4, input_image=source, denoising_strength=0.1)
+    strong = ours(pipe, 64, 64, seed=4, input_image=source, denoising_strength=1.0)
+    assert np.abs(weak - roundtrip).mean() < 0.8 * np.abs(strong - roundtrip).mean()
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offload_gives_the_same_picture(tiny_qwen, pipe, offload):
+    folder, _ = tiny_qwen
+    offloaded = QwenImagePipeline.from_pretrained(folder, offload=offload)
+    kw = dict(negative_prompt=" ", cfg=4.0)
+    assert np.array_equal(ours(offloaded, 64, 64, seed=9, **kw), ours(pipe, 64, 64, seed=9, **kw))
+
+
+def test_model_offload_moves_only_what_a_unit_needs(pipe, monkeypatch):
+    moves = []
+    for name, model in pipe.models().items():
+        monkeypatch.setattr(model, "to", lambda device, _n=name: moves.append((_n, str(device))))
+    from diffusmith.core.offload import OffloadMode
+
+    monkeypatch.setattr(pipe.placer, "mode", OffloadMode.MODEL)
+    pipe.load_models_to_device(["vae"])
+    assert moves[-1] == ("vae", str(pipe.device))
+    assert {("dit", "cpu"), ("text_encoder", "cpu")} <= set(moves)
+    with pytest.raises(KeyError, match="unknown model"):
+        pipe.load_models_to_device(["unet"])
+
+
+def test_sizes_round_to_multiples_of_16_with_a_warning(pipe, caplog):
+    with caplog.at_level(logging.WARNING):
+        image = pipe(prompt="x", cfg_scale=1.0, height=70, width=90, num_inference_steps=1, seed=0,
+                     progress_bar=False)
+    assert image.size == (96, 64)
+    assert sum("multiple of 16" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(height=-64), "height"),
+    (dict(width=100000), "width"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(num_inference_steps=10**6), "num_inference_steps"),
+    (dict(denoising_strength=1.5, input_image=Image.new("RGB", (64, 64))), "denoising_strength"),
+    (dict(input_image="does/not/exist.png"), "not found"),
+    (dict(cfg_scale=-1.0), "cfg_scale"),
+])
+def test_bad_call_arguments_raise_one_line_errors(pipe, kwargs, match):
+    args = dict(prompt="x", height=64, width=64, num_inference_steps=1, progress_bar=False)
+    args.update(kwargs)
+    with pytest.raises(DiffusmithError, match=match) as info:
+        pipe(**args)
+    assert "\n" not in str(info.value)
+
+
+def test_unreadable_input_image(pipe, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(DiffusmithError, match="cannot read input image"):
+        pipe(prompt="x", input_image=bad, num_inference_steps=1, progress_bar=False)

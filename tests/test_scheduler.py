@@ -1,0 +1,91 @@
+"""The flow-match scheduler against the reference scheduler with Qwen-Image's config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import QWEN_SCHEDULER_CONFIG
+
+from diffusmith import DiffusmithError
+from diffusmith.schedulers.flow_match import FlowMatchConfig, FlowMatchScheduler, shift_mu
+
+
+def reference_sigmas(steps: int, image_seq_len: int) -> torch.Tensor:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    ref = FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER_CONFIG)
+    mu = calculate_shift(image_seq_len, 256, 8192, 0.5, 0.9)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return ref.sigmas
+
+
+def test_one_step_schedule_is_finite():
+    s = FlowMatchScheduler()
+    s.set_timesteps(1, image_seq_len=16)
+    assert s.sigmas.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("steps,seq_len", [(2, 16), (4, 256), (30, 6889), (50, 8192)])
+def test_sigmas_match_the_reference(steps, seq_len):
+    ours = FlowMatchScheduler(FlowMatchConfig.from_dict(QWEN_SCHEDULER_CONFIG))
+    ours.set_timesteps(steps, image_seq_len=seq_len)
+    torch.testing.assert_close(ours.sigmas, reference_sigmas(steps, seq_len), rtol=0, atol=1e-7)
+    torch.testing.assert_close(ours.timesteps, ours.sigmas[:-1] * 1000)
+    assert ours.sigmas[-2].item() == pytest.approx(0.02, abs=1e-6)  # terminal stretch
+    assert ours.sigmas[-1].item() == 0.0
+
+
+def test_mu_is_linear_in_token_count():
+    cfg = FlowMatchConfig()
+    assert shift_mu(256, cfg) == pytest.approx(0.5)
+    assert shift_mu(8192, cfg) == pytest.approx(0.9)
+    assert shift_mu(4224, cfg) == pytest.approx(0.7)
+
+
+def test_more_tokens_shift_toward_noise():
+    s = FlowMatchScheduler()
+    s.set_timesteps(10, image_seq_len=256)
+    small = s.sigmas.clone()
+    s.set_timesteps(10, image_seq_len=8192)
+    assert (s.sigmas[1:-2] > small[1:-2]).all()
+
+
+def test_denoising_strength_starts_later():
+    s = FlowMatchScheduler()
+    s.set_timesteps(10, image_seq_len=1024, denoising_strength=0.5)
+    assert len(s.timesteps) == 10 and s.sigmas[0] < 0.9
+
+
+def test_euler_step_and_add_noise_are_consistent():
+    s = FlowMatchScheduler()
+    s.set_timesteps(4, image_seq_len=256)
+    x0, noise = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    x = s.add_noise(x0, noise, s.timesteps[0])
+    v = s.training_target(x0, noise)
+    # with the exact velocity every Euler step stays on the straight path from noise to x0
+    for i in range(len(s.timesteps)):
+        x = s.step(v, i, x)
+        torch.testing.assert_close(x, s.add_noise(x0, noise, s.sigmas[i + 1] * 1000), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x, x0, atol=1e-5, rtol=0)
+
+
+def test_add_noise_per_sample_timesteps():
+    s = FlowMatchScheduler()
+    x0, noise = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    out = s.add_noise(x0, noise, torch.tensor([250.0, 750.0]))
+    assert out[0].unique().item() == pytest.approx(0.25) and out[1].unique().item() == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_inference_steps=0), dict(num_inference_steps=4, denoising_strength=0.0)])
+def test_bad_schedule_arguments(kwargs):
+    with pytest.raises(DiffusmithError):
+        FlowMatchScheduler().set_timesteps(image_seq_len=256, **kwargs)
+
+
+def test_unsupported_scheduler_options_are_refused(tmp_path):
+    with pytest.raises(DiffusmithError, match="use_karras_sigmas"):
+        FlowMatchConfig.from_dict({**QWEN_SCHEDULER_CONFIG, "use_karras_sigmas": True})
+    with pytest.raises(DiffusmithError, match="not found"):
+        FlowMatchConfig.from_file(tmp_path / "scheduler_config.json")
