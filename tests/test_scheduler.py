@@ -89,3 +89,53 @@ def test_unsupported_scheduler_options_are_refused(tmp_path):
         FlowMatchConfig.from_dict({**QWEN_SCHEDULER_CONFIG, "use_karras_sigmas": True})
     with pytest.raises(DiffusmithError, match="not found"):
         FlowMatchConfig.from_file(tmp_path / "scheduler_config.json")
+
+
+# ---- training side ---------------------------------------------------------------------------------
+from diffusmith.schedulers.flow_match import TimestepSampling  # noqa: E402
+
+
+def test_shifted_sampling_draws_from_the_training_grid():
+    s = FlowMatchScheduler()
+    sampling = TimestepSampling(kind="shifted", mu=0.8)
+    grid = s.training_sigma_grid(4096, sampling) * 1000
+    t = s.sample_training_timesteps(500, 4096, sampling, torch.Generator().manual_seed(0))
+    assert t.shape == (500,) and torch.isin(t, grid).all()
+    assert grid.max() == pytest.approx(1000.0) and grid.min() == pytest.approx(20.0, abs=1e-3)
+    # mu = 0.8 moves the median well above the unshifted 500
+    assert t.median() > 600
+
+
+def test_shifted_sampling_follows_the_resolution_by_default():
+    s = FlowMatchScheduler()
+    small = s.training_sigma_grid(256, TimestepSampling())
+    large = s.training_sigma_grid(8192, TimestepSampling())
+    assert (large[1:-1] >= small[1:-1]).all() and (large > small).any()
+
+
+def test_logit_normal_and_fixed_shift_ranges():
+    s = FlowMatchScheduler()
+    g = torch.Generator().manual_seed(1)
+    ln = s.sample_training_timesteps(4000, 1024, TimestepSampling(kind="logit_normal"), g)
+    assert 0 < ln.min() and ln.max() < 1000 and abs(ln.median().item() - 500) < 40
+    fs = s.sample_training_timesteps(4000, 1024, TimestepSampling(kind="fixed_shift", shift=3.0), g)
+    # shift 3 maps the uniform median 0.5 to 0.75
+    assert abs(fs.median().item() - 750) < 30
+
+
+def test_bell_weighting_has_mean_one_on_its_grid_and_peaks_mid_way():
+    s = FlowMatchScheduler()
+    sampling = TimestepSampling(mu=0.8, weighting="bell")
+    grid = s.training_sigma_grid(4096, sampling) * 1000
+    w = s.training_weight(grid, 4096, sampling)
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-5)
+    mid, end = s.training_weight(torch.tensor([500.0, 1000.0]), 4096, sampling)
+    assert mid > end
+    assert torch.equal(s.training_weight(grid, 4096, TimestepSampling()), torch.ones_like(grid))
+
+
+def test_unknown_sampling_names_are_refused():
+    with pytest.raises(DiffusmithError, match="timestep sampling"):
+        TimestepSampling(kind="cosmic")
+    with pytest.raises(DiffusmithError, match="loss weighting"):
+        TimestepSampling(weighting="heavy")

@@ -117,10 +117,11 @@ class BasePipeline:
         self.placer.onload(list(model_names))
 
     # ---- images ------------------------------------------------------------------------------------
-    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> (1, 3, H, W) float tensor in [-1, 1] (on CPU, float32)."""
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W)
+    def preprocess_image(self, image: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+        """PIL image (or a list of same-size images) -> (B, 3, H, W) float tensor in [-1, 1] (CPU, float32)."""
+        images = [image] if isinstance(image, Image.Image) else list(image)
+        array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(0, 3, 1, 2)  # (B, 3, H, W)
 
     @staticmethod
     def postprocess_image(image: torch.Tensor) -> list[Image.Image]:

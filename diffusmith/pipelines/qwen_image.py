@@ -44,14 +44,14 @@ class QwenImageUnit_ShapeChecker(PipelineUnit):
                          output_params=("height", "width", "input_image"))
 
     def process(self, pipe: QwenImagePipeline, height, width, input_image):
-        if input_image is not None:
-            input_image = load_image(input_image)
-            if height is None or width is None:
-                height, width = input_image.height, input_image.width
-        height, width = pipe.check_resize_height_width(height or 1328, width or 1328)
-        if input_image is not None and input_image.size != (width, height):
-            input_image = resize_and_crop(input_image, height, width)
-        return {"height": height, "width": width, "input_image": input_image}
+        if input_image is None:
+            return {"height": height, "width": width, "input_image": None}
+        images = [input_image] if not isinstance(input_image, (list, tuple)) else list(input_image)
+        images = [load_image(im) for im in images]
+        height, width = pipe.check_resize_height_width(height or images[0].height, width or images[0].width)
+        images = [im if im.size == (width, height) else resize_and_crop(im, height, width) for im in images]
+        single = not isinstance(input_image, (list, tuple))
+        return {"height": height, "width": width, "input_image": images[0] if single else images}
 
 
 class QwenImageUnit_NoiseInitializer(PipelineUnit):

@@ -55,6 +55,34 @@ class FlowMatchConfig:
             raise DiffusmithError(f"scheduler config {path} is not valid JSON ({e})") from None
 
 
+TIMESTEP_SAMPLINGS = ("shifted", "logit_normal", "fixed_shift")
+LOSS_WEIGHTINGS = ("none", "bell")
+
+
+@dataclass
+class TimestepSampling:
+    """How training picks timesteps and weights the loss (see ``FlowMatchScheduler`` training side)."""
+
+    kind: str = "shifted"
+    mu: float | None = None  # "shifted": None = the resolution-dependent mu inference uses
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 3.0  # "fixed_shift"
+    weighting: str = "none"
+
+    def __post_init__(self):
+        if self.kind not in TIMESTEP_SAMPLINGS:
+            raise DiffusmithError(f"unknown timestep sampling {self.kind!r}: use {', '.join(TIMESTEP_SAMPLINGS)}")
+        if self.weighting not in LOSS_WEIGHTINGS:
+            raise DiffusmithError(f"unknown loss weighting {self.weighting!r}: use {', '.join(LOSS_WEIGHTINGS)}")
+        if self.logit_std <= 0 or self.shift <= 0:
+            raise DiffusmithError("logit_std and shift must be positive")
+
+
+def _bell(timesteps: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-2 * ((timesteps - 500) / 1000) ** 2)
+
+
 def shift_mu(image_seq_len: int, cfg: FlowMatchConfig) -> float:
     """Resolution-dependent shift: linear in the image token count (256 -> base_shift, max_len -> max_shift)."""
     m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
@@ -117,6 +145,42 @@ class FlowMatchScheduler:
         sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]
         x_next = x.float() + (sigma_next - sigma) * velocity
         return x_next.to(velocity.dtype)
+
+    # ---- training --------------------------------------------------------------------------------
+    def training_sigma_grid(self, image_seq_len: int, sampling: TimestepSampling) -> torch.Tensor:
+        """The 1000 sigmas of the training schedule ("shifted": the inference shift with ``mu`` from the
+        resolution, or ``sampling.mu`` when given, as the incumbent trains with mu = 0.8)."""
+        n = self.config.num_train_timesteps
+        sigmas = np.linspace(1.0, 1 / n, n).astype(np.float32)
+        mu = sampling.mu if sampling.mu is not None else shift_mu(image_seq_len, self.config)
+        sigmas = time_shift(sigmas, mu, self.config.time_shift_type)
+        if self.config.shift_terminal:
+            sigmas = stretch_to_terminal(sigmas, self.config.shift_terminal)
+        return torch.from_numpy(np.asarray(sigmas, dtype=np.float32))
+
+    def sample_training_timesteps(self, batch_size: int, image_seq_len: int, sampling: TimestepSampling,
+                                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """Timesteps (sigma * 1000, shape (B,), float32 on CPU) for a training batch."""
+        if sampling.kind == "shifted":
+            grid = self.training_sigma_grid(image_seq_len, sampling)
+            sigmas = grid[torch.randint(0, len(grid), (batch_size,), generator=generator)]
+        elif sampling.kind == "logit_normal":
+            normal = torch.randn(batch_size, generator=generator) * sampling.logit_std + sampling.logit_mean
+            sigmas = torch.sigmoid(normal)
+        else:  # "fixed_shift": uniform sigmas moved toward noise by a constant factor (SD3 style)
+            u = torch.rand(batch_size, generator=generator).clamp_min(1e-3)
+            sigmas = sampling.shift * u / (1 + (sampling.shift - 1) * u)
+        return sigmas * self.config.num_train_timesteps
+
+    def training_weight(self, timesteps: torch.Tensor, image_seq_len: int,
+                        sampling: TimestepSampling) -> torch.Tensor:
+        """Per-sample loss weight: 1, or the bell ``exp(-2 ((t - 500) / 1000)^2)`` normalised to mean 1
+        over the shifted training grid (the incumbent's weighting)."""
+        if sampling.weighting == "none":
+            return torch.ones_like(timesteps)
+        grid = self.training_sigma_grid(image_seq_len, sampling) * self.config.num_train_timesteps
+        mean = _bell(grid).mean()
+        return _bell(timesteps) / mean
 
     # ---- both sides ------------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:

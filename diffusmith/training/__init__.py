@@ -1,0 +1,1 @@
+"""Training: the inference pipeline's units with the scheduler in training mode; data, losses, LoRA."""
