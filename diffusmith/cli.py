@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +25,23 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        known = [s for a in self._actions for s in a.option_strings]
+        known = _known_options(self)
         typos = [a.split("=")[0] for a in getattr(self, "_seen_args", []) if a.startswith("--")]
         typos = [a for a in typos if a not in known]
         close = difflib.get_close_matches(typos[0], known, n=1) if typos else []
         hint = f"; {typos[0]} is not an option, did you mean {close[0]}?" if close else ""
         self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
+
+
+def _known_options(parser: argparse.ArgumentParser) -> list[str]:
+    """Option strings of a parser and of its subcommands (unknown arguments surface at the top level)."""
+    known = []
+    for action in parser._actions:
+        known += action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                known += _known_options(sub)
+    return list(dict.fromkeys(known))
 
 
 def _positive_int(text: str) -> int:
@@ -45,6 +58,16 @@ def _strength(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
@@ -69,15 +92,124 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--offload", default="none", choices=["none", "model", "sequential"])
     gen.add_argument("--tiled", action="store_true", help="encode/decode with the VAE in tiles")
     gen.add_argument("--transformer", default=None, help="a loose .safetensors replacing the DiT")
+    gen.add_argument("--lora", action="append", default=[], metavar="PATH",
+                     help="merge this LoRA (diffusers, ComfyUI, kohya or peft keys) into the DiT; repeatable")
+    gen.add_argument("--lora-scale", action="append", type=_finite, default=[], metavar="S",
+                     help="strength of each --lora in order, or one value for all (default 1)")
     gen.add_argument("--allow-pickle", action="store_true",
                      help="allow .bin/.pt weights (pickles can run code: only for files you trust)")
     gen.add_argument("-o", "--output", required=True, help="output picture (.png, .jpg, .webp)")
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    add_train_parser(sub)
+
     ins = sub.add_parser("inspect", help="tell which model a .safetensors file holds", allow_abbrev=False)
     ins.add_argument("file")
     ins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _probability(text: str) -> float:
+    value = _finite(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def add_train_parser(sub) -> None:
+    tr = sub.add_parser("train", help="fine-tune (LoRA or full) on a dataset", allow_abbrev=False)
+    tr.add_argument("--model", required=True, help="folder in the official layout, or a hub repo id")
+    tr.add_argument("--dataset", required=True,
+                    help="folder of images + .txt captions, or a metadata.csv / metadata.jsonl")
+    tr.add_argument("--output", required=True, help="run folder: lora.safetensors, checkpoints/, samples/, logs/")
+    what = tr.add_argument_group("what trains")
+    what.add_argument("--full", action="store_true", help="full fine-tuning instead of a LoRA")
+    what.add_argument("--lora-rank", type=_positive_int, default=16)
+    what.add_argument("--lora-alpha", type=_finite, default=None, help="default: the rank (scale 1)")
+    what.add_argument("--lora-targets", default="default",
+                      help="'default' (attention, MLP and modulation linears) or a comma-separated list")
+    data = tr.add_argument_group("data")
+    data.add_argument("--height", type=_positive_int, default=None)
+    data.add_argument("--width", type=_positive_int, default=None)
+    data.add_argument("--max-pixels", type=_positive_int, default=None,
+                      help="keep each image's aspect ratio within this many pixels (buckets)")
+    data.add_argument("--batch-size", type=_positive_int, default=1)
+    data.add_argument("--caption-dropout", type=_probability, default=0.0)
+    data.add_argument("--repeat", type=_positive_int, default=1, help="times each image is seen per epoch")
+    data.add_argument("--skip-bad-samples", action="store_true",
+                      help="drop unreadable/missing images (with a count) instead of stopping")
+    data.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    opt = tr.add_argument_group("optimisation")
+    opt.add_argument("--learning-rate", type=_finite, default=1e-4)
+    opt.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    opt.add_argument("--warmup-steps", type=int, default=0)
+    opt.add_argument("--max-steps", type=_positive_int, default=None)
+    opt.add_argument("--epochs", type=_positive_int, default=None)
+    opt.add_argument("--gradient-accumulation", type=_positive_int, default=1)
+    opt.add_argument("--max-grad-norm", type=_finite, default=1.0, help="gradient clipping; 0 turns it off")
+    opt.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    opt.add_argument("--timestep-sampling", default="shifted", choices=["shifted", "logit_normal", "fixed_shift"])
+    opt.add_argument("--timestep-mu", type=_finite, default=None,
+                     help="fixed shift mu for --timestep-sampling shifted (default: from the resolution)")
+    opt.add_argument("--loss-weighting", default="none", choices=["none", "bell"])
+    run = tr.add_argument_group("run")
+    run.add_argument("--save-every", type=_positive_int, default=None, help="checkpoint every N steps")
+    run.add_argument("--keep-checkpoints", type=_positive_int, default=None, help="keep only the last N")
+    run.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    run.add_argument("--gradient-checkpointing", action="store_true")
+    run.add_argument("--gradient-checkpointing-offload", action="store_true",
+                     help="checkpointing that also keeps the saved activations in CPU memory")
+    run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    run.add_argument("--num-processes", type=_positive_int, default=1,
+                     help="data-parallel processes (relaunches through accelerate)")
+    run.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt model weights")
+    val = tr.add_argument_group("validation")
+    val.add_argument("--validation-prompt", action="append", default=[], metavar="PROMPT")
+    val.add_argument("--validate-every", type=_positive_int, default=None)
+    val.add_argument("--validation-steps", type=_positive_int, default=20)
+    val.add_argument("--validation-cfg-scale", type=_finite, default=4.0)
+    tr.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    if args.num_processes > 1:
+        return _relaunch_with_accelerate(args)
+    from .training.runner import TrainConfig, train
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    options = {k: v for k, v in vars(args).items() if k in fields}
+    options["lora_targets"] = None if args.lora_targets == "default" else [
+        t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    options["validation_prompts"] = tuple(args.validation_prompt)
+    final = train(TrainConfig(**options))
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per data-parallel process
+        print(f"saved {final}")
+
+
+def _relaunch_with_accelerate(args: argparse.Namespace) -> None:
+    """``--num-processes N``: the same command under ``accelerate launch`` (data parallel)."""
+    import subprocess
+
+    argv = sys.argv[1:]
+    cleaned, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--num-processes":
+            skip = True
+            continue
+        if not a.startswith("--num-processes="):
+            cleaned.append(a)
+    # accelerate's --multi_gpu is its data-parallel launcher; without CUDA the processes use gloo on the CPU
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+              "--num_processes", str(args.num_processes), "--mixed_precision", args.mixed_precision,
+              "--dynamo_backend", "no"]
+    result = subprocess.run([*launch, "-m", "diffusmith", *cleaned], check=False)
+    if result.returncode:
+        raise SystemExit(result.returncode)
 
 
 def _cuda() -> bool:
@@ -92,9 +224,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     output = Path(args.output)
     if output.suffix.lower() not in IMAGE_SUFFIXES:
         raise DiffusmithError(f"output {output} must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    lora_scales = _lora_scales(args.lora, args.lora_scale)
     overrides = {"transformer": args.transformer} if args.transformer else {}
     pipe = QwenImagePipeline.from_pretrained(args.model, device=args.device, torch_dtype=args.dtype,
                                              offload=args.offload, allow_pickle=args.allow_pickle, **overrides)
+    for path, scale in zip(args.lora, lora_scales, strict=True):
+        pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
     image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
                  input_image=args.input_image, denoising_strength=args.denoising_strength,
                  height=args.height, width=args.width, seed=args.seed, num_inference_steps=args.steps,
@@ -104,6 +239,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     image.save(partial)
     partial.replace(output)  # never leave a half-written picture under the final name
     print(f"saved {output} ({image.width}x{image.height})")
+
+
+def _lora_scales(loras: list[str], scales: list[float]) -> list[float]:
+    """One scale per --lora: as given, one for all, or 1."""
+    if scales and not loras:
+        raise DiffusmithError("--lora-scale was given without --lora; add --lora PATH")
+    if len(scales) not in (0, 1, len(loras)):
+        raise DiffusmithError(f"{len(scales)} --lora-scale values for {len(loras)} --lora files: give one per "
+                              "--lora, or one for all")
+    if len(scales) == len(loras):
+        return list(scales)
+    return [scales[0] if scales else 1.0] * len(loras)
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -126,7 +273,7 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect}
+COMMANDS = {"generate": cmd_generate, "train": cmd_train, "inspect": cmd_inspect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,8 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"diffusmith: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("diffusmith: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"diffusmith: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     return 0
 

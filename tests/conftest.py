@@ -30,7 +30,11 @@ QWEN_SCHEDULER_CONFIG = {
 }
 
 
-def build_reference_pipeline(folder: Path):
+# a DiT wide enough to represent a 64-value latent token (the tiny width 32 is not): for training tests
+WIDE_DIT = {"attention_head_dim": 32, "num_attention_heads": 4, "axes_dims_rope": [8, 12, 12]}
+
+
+def build_reference_pipeline(folder: Path, **dit_overrides):
     """A diffusers QwenImagePipeline of tiny random models, saved to ``folder``; returns the pipeline."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers import QwenImagePipeline as ReferencePipeline
@@ -44,7 +48,7 @@ def build_reference_pipeline(folder: Path):
         vae=tiny_reference_vae(seed=1),
         text_encoder=tiny_reference_text_encoder(vocab_size=len(tokenizer), seed=2),
         tokenizer=tokenizer,
-        transformer=tiny_reference_dit(seed=3),
+        transformer=tiny_reference_dit(seed=3, **dit_overrides),
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
@@ -58,3 +62,12 @@ def tiny_qwen(tmp_path_factory):
     ref = build_reference_pipeline(folder)
     ref.set_progress_bar_config(disable=True)
     return folder, ref
+
+
+@pytest.fixture(scope="session")
+def wide_qwen(tmp_path_factory):
+    """The tiny pipeline with a wider DiT (4 heads x 32), in the official layout, for overfitting tests."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("wide_qwen_image")
+    build_reference_pipeline(folder, **WIDE_DIT)
+    return folder

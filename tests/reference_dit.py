@@ -19,14 +19,15 @@ TINY_DIT_CONFIG: dict = {
 }
 
 
-def tiny_reference_dit(seed: int = 0) -> QwenImageTransformer2DModel:
+def tiny_reference_dit(seed: int = 0, **overrides) -> QwenImageTransformer2DModel:
     """A tiny reference DiT in fp32, eval mode, with all parameters re-drawn from ``seed``.
 
     Linear weights and biases get N(0, 0.1^2); norm scales get 1 + N(0, 0.1^2), so no weight is left at the
-    reference's zero or one initialisation and every path of the math is exercised.
+    reference's zero or one initialisation and every path of the math is exercised. ``overrides`` change
+    the config (e.g. a wider model for training tests: the tiny width 32 is narrower than a 64-value token).
     """
     torch.manual_seed(seed)
-    model = QwenImageTransformer2DModel(**TINY_DIT_CONFIG)
+    model = QwenImageTransformer2DModel(**{**TINY_DIT_CONFIG, **overrides})
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

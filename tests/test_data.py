@@ -413,3 +413,15 @@ def test_collate_keeps_lists_and_pil():
                              {"input_image": image, "prompt": "b"}])
     assert batch == {"input_image": [image, image], "prompt": ["a", "b"], "x": [1, None]}
     assert isinstance(batch["input_image"][0], Image.Image)
+
+
+def test_data_parallel_shards_are_disjoint_equal_and_cover_the_even_part():
+    from diffusmith.training.buckets import BucketBatchSampler
+
+    buckets = [(16, 16)] * 7 + [(32, 16)] * 4
+    whole = BucketBatchSampler(buckets, batch_size=2, seed=3).batches_of_epoch(0)  # 6 batches
+    shards = [list(BucketBatchSampler(buckets, 2, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 3
+    assert sorted(map(tuple, shards[0] + shards[1])) == sorted(map(tuple, whole))
+    with pytest.raises(DiffusmithError, match="rank"):
+        BucketBatchSampler(buckets, 2, num_replicas=2, rank=2)

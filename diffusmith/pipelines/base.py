@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..core.lora import apply_lora, read_lora
 from ..core.offload import ModelPlacer, OffloadMode
 from ..errors import DiffusmithError
 
@@ -115,6 +117,31 @@ class BasePipeline:
     def load_models_to_device(self, model_names: Iterable[str]) -> None:
         """Make sure the named models can run on ``self.device`` (what else stays there depends on offload)."""
         self.placer.onload(list(model_names))
+
+    # ---- LoRA --------------------------------------------------------------------------------------
+    @property
+    def lora_target(self) -> str:
+        """The model a LoRA applies to (and training trains). A pipeline class may name it
+        (``lora_target = "dit"``); by default it is the one loaded model declaring ``default_lora_targets``."""
+        names = [n for n, m in self.models().items() if getattr(m, "default_lora_targets", None)]
+        if len(names) != 1:
+            found = ", ".join(names) if names else "none"
+            raise DiffusmithError(f"{type(self).__name__}: cannot tell which model takes a LoRA (models declaring "
+                                  f"default_lora_targets: {found}); pass model_name")
+        return names[0]
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, model_name: str | None = None,
+                  allow_pickle: bool = False) -> None:
+        """Merge a LoRA file (any common key style) into ``model_name`` (default: ``lora_target``) at
+        ``scale``; undo with ``diffusmith.core.lora.remove_lora(model)``."""
+        name = model_name or self.lora_target
+        model = self.models().get(name)
+        if model is None:
+            raise DiffusmithError(f"cannot load a LoRA into {name!r}: the pipeline's loaded models are "
+                                  f"{', '.join(self.models()) or 'none'}")
+        lora = read_lora(path, model, allow_pickle=allow_pickle)
+        apply_lora(model, lora, scale)
+        logger.info("LoRA %s merged into %s (%d modules, scale %g)", path, name, len(lora), scale)
 
     # ---- images ------------------------------------------------------------------------------------
     def preprocess_image(self, image: Image.Image | Sequence[Image.Image]) -> torch.Tensor:

@@ -184,6 +184,11 @@ class QwenImagePipeline(BasePipeline):
         ]
         self.model_fn = model_fn_qwen_image
 
+    def default_inputs(self) -> dict:
+        """Inputs every run has unless the caller sets them (inference and training alike)."""
+        return {"input_image": None, "seed": None, "batch_size": 1, "max_sequence_length": 512,
+                "tiled": False, "tile_size": 128, "tile_stride": 64}
+
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str | torch.device = "cpu",
                         torch_dtype: torch.dtype | str = torch.float32, offload: str = "none",
@@ -240,9 +245,9 @@ class QwenImagePipeline(BasePipeline):
         height, width = self.check_resize_height_width(height or 1328, width or 1328)
         self.scheduler.set_timesteps(num_inference_steps, image_seq_len=(height // 16) * (width // 16),
                                      denoising_strength=denoising_strength, device=self.device)
-        shared = {"height": height, "width": width, "input_image": input_image, "seed": seed, "batch_size": 1,
-                  "max_sequence_length": max_sequence_length, "tiled": tiled, "tile_size": tile_size,
-                  "tile_stride": tile_stride}
+        shared = {**self.default_inputs(), "height": height, "width": width, "input_image": input_image,
+                  "seed": seed, "max_sequence_length": max_sequence_length, "tiled": tiled,
+                  "tile_size": tile_size, "tile_stride": tile_stride}
         posi, nega = {"prompt": prompt}, {"negative_prompt": negative_prompt}
         shared, posi, nega = self.run_units(shared, posi, nega, cfg)
 

@@ -103,8 +103,12 @@ class BucketBatchSampler(Sampler):
     """
 
     def __init__(self, bucket_of_each_sample: Sequence[Hashable], batch_size: int, seed: int = 0,
-                 drop_last: bool = False):
+                 drop_last: bool = False, num_replicas: int = 1, rank: int = 0):
         super().__init__()
+        if not 0 <= rank < num_replicas:
+            raise DiffusmithError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        # data-parallel: every process gets every num_replicas-th batch of the same epoch order
+        self.num_replicas, self.rank = num_replicas, rank
         if not _is_int(batch_size) or batch_size < 1:
             raise DiffusmithError(f"batch size must be a positive integer, got {batch_size!r}")
         if not _is_int(seed):
@@ -137,13 +141,23 @@ class BucketBatchSampler(Sampler):
                     batches.append(batch)
         return [batches[k] for k in rng.permutation(len(batches))]
 
+    def batches_of_this_process(self, epoch: int) -> list[list[int]]:
+        """This process's share of an epoch; the tail that cannot be shared evenly is left out so that every
+        process runs the same number of steps (uneven counts would hang data-parallel training)."""
+        batches = self.batches_of_epoch(epoch)
+        if self.num_replicas == 1:
+            return batches
+        usable = len(batches) // self.num_replicas * self.num_replicas
+        return batches[:usable][self.rank::self.num_replicas]
+
     def __len__(self) -> int:
-        """Batches in a whole epoch (a resumed epoch yields fewer)."""
+        """Batches of a whole epoch for this process (a resumed epoch yields fewer)."""
         rounding = math.floor if self.drop_last else math.ceil
-        return sum(rounding(len(indices) / self.batch_size) for indices in self.buckets.values())
+        total = sum(rounding(len(indices) / self.batch_size) for indices in self.buckets.values())
+        return total // self.num_replicas
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self.batches_of_epoch(self.epoch)
+        batches = self.batches_of_this_process(self.epoch)
         start, self._resume_at = self._resume_at, 0
         self._yielded = start
         for batch in batches[start:]:
@@ -155,11 +169,12 @@ class BucketBatchSampler(Sampler):
         with workers, which ask for batches ahead of the training loop."""
         return {"epoch": self.epoch, "batches_done": self._yielded if batches_done is None else batches_done,
                 "seed": self.seed, "batch_size": self.batch_size, "drop_last": self.drop_last,
-                "num_samples": self.num_samples, "layout": self._layout}
+                "num_samples": self.num_samples, "layout": self._layout, "num_replicas": self.num_replicas}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position: the next iteration starts with the batch after the last done."""
-        identity = ("seed", "batch_size", "drop_last", "num_samples", "layout")
+        identity = ("seed", "batch_size", "drop_last", "num_samples", "layout", "num_replicas")
+        state = {"num_replicas": 1, **state}
         current = self.state_dict()
         if any(state[k] != current[k] for k in identity):
             raise DiffusmithError(

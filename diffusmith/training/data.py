@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
@@ -443,7 +444,7 @@ class _EpochTaggedBatchSampler(BucketBatchSampler):
 
 
 def make_dataloader(dataset: TrainingDataset, batch_size: int, seed: int, num_workers: int = 0,
-                    epoch: int = 0) -> DataLoader:
+                    epoch: int = 0, num_replicas: int = 1, rank: int = 0) -> DataLoader:
     """A DataLoader of same-size batches (dicts of lists, see ``collate_samples``) in a (seed, epoch) order.
 
     ``loader.batch_sampler`` is the ``BucketBatchSampler``: call its ``set_epoch`` before each epoch, and save
@@ -452,12 +453,15 @@ def make_dataloader(dataset: TrainingDataset, batch_size: int, seed: int, num_wo
     """
     if not isinstance(num_workers, int) or num_workers < 0:
         raise DiffusmithError(f"num_workers must be a non-negative integer, got {num_workers!r}")
-    sampler = _EpochTaggedBatchSampler(dataset.bucket_of_each_sample, batch_size, seed)
+    sampler = _EpochTaggedBatchSampler(dataset.bucket_of_each_sample, batch_size, seed,
+                                       num_replicas=num_replicas, rank=rank)
     sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)
     workers = {"persistent_workers": True, "prefetch_factor": 2} if num_workers > 0 else {}
+    # an own generator: creating the loader's iterator must not draw from the global RNG (exact resume)
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=num_workers,
-                      **workers)
+                      generator=generator, **workers)
 
 
 __all__ = ["DatasetSummary", "Sample", "TrainingDataset", "collate_samples", "image_problem", "load_dataset",

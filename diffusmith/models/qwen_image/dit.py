@@ -309,6 +309,20 @@ class QwenImageDiT(nn.Module):
 
     # The block list that memory features (checkpointing, per-block offload) apply to, by attribute name.
     repeated_blocks = "transformer_blocks"
+    # The Linears a LoRA trains by default (peft-style name suffixes): attention, MLPs and AdaLN modulation
+    # of both streams in every block.
+    default_lora_targets = (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+        "img_mod.1", "txt_mod.1",
+    )
+
+    def modules_without_gradient(self) -> list[str]:
+        """Modules whose output never reaches the model's output: the last block's text stream after the
+        joint attention (its text result is discarded). Training freezes them so that data-parallel
+        training needs no unused-parameter search."""
+        last = f"transformer_blocks.{len(self.transformer_blocks) - 1}"
+        return [f"{last}.attn.to_add_out", f"{last}.txt_mlp"]
 
     def __init__(self, config: QwenImageDiTConfig | None = None):
         super().__init__()

@@ -1,0 +1,60 @@
+"""The output folder of a run: who owns it, and the final weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from ..core.lora import save_lora
+from ..errors import DiffusmithError
+
+logger = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+
+
+def check_output_folder(out: Path, fingerprint: dict[str, Any], *, resume: str | None,
+                        is_main_process: bool = True) -> None:
+    """A new run needs an empty (or new) folder; a resumed run needs the folder of the same run."""
+    run_file = out / RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise DiffusmithError(f"--output {out} is a file; pass a folder")
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if not resume:
+            raise DiffusmithError(f"output folder {out} already holds a training run; pass --resume latest to "
+                                  "continue it, or choose another --output")
+        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+        if changed:
+            raise DiffusmithError(f"cannot resume {out}: the options {', '.join(changed)} differ from the run "
+                                  "that made it; use the same options or another --output")
+        return
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        raise DiffusmithError(f"output folder {out} is not empty and holds no diffusmith run; "
+                              "choose a new or empty --output")
+    if is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = run_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(fingerprint, indent=2))
+        os.replace(tmp, run_file)
+
+
+def save_final_weights(out: Path, module, *, is_main_process: bool = True) -> Path:
+    """``lora.safetensors`` (diffusers/ComfyUI keys) or ``model.safetensors`` (full fine-tune, the
+    checkpoint's own key layout, loadable with ``--transformer``)."""
+    if module.spec.full:
+        path = out / "model.safetensors"
+        if is_main_process:
+            state = {k: v.detach().contiguous().cpu() for k, v in module.model.state_dict().items()}
+            tmp = path.with_name(".model.safetensors.tmp")
+            save_file(state, tmp)
+            os.replace(tmp, path)
+    else:
+        path = out / "lora.safetensors"
+        if is_main_process:
+            save_lora(path, module.model, rank=module.spec.rank, alpha=module.spec.lora_alpha)
+    return path

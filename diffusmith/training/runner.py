@@ -1,0 +1,291 @@
+"""The training loop: setup -> train -> save, over the library's parts (accelerate for devices/DDP).
+
+Checkpoints every ``save_every`` steps hold everything needed to continue exactly (trainable weights,
+optimizer, LR schedule, step, RNG states, data position); ``resume="latest"`` picks the newest complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.devices import resolve_device
+from ..errors import DiffusmithError
+from ..schedulers.flow_match import TimestepSampling
+from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from .data import load_dataset, make_dataloader
+from .logs import MetricsLog
+from .module import LossSpec, TrainableSpec, TrainingModule
+from .optim import make_lr_scheduler, make_optimizer
+from .outputs import check_output_folder, save_final_weights
+from .validation import ValidationSpec, render_validation
+
+logger = logging.getLogger(__name__)
+MIXED_PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    dataset: str
+    output: str
+    # what trains
+    full: bool = False
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    lora_targets: Sequence[str] | None = None
+    # data
+    height: int | None = None
+    width: int | None = None
+    max_pixels: int | None = None
+    batch_size: int = 1
+    caption_dropout: float = 0.0
+    repeat: int = 1
+    skip_bad_samples: bool = False
+    num_workers: int = 0
+    # optimisation
+    gradient_accumulation: int = 1
+    learning_rate: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    max_steps: int | None = None
+    epochs: int | None = None
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
+    timestep_sampling: str = "shifted"
+    timestep_mu: float | None = None
+    loss_weighting: str = "none"
+    # machinery
+    save_every: int | None = None
+    keep_checkpoints: int | None = None
+    resume: str | None = None
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_offload: bool = False
+    device: str | None = None
+    validation_prompts: Sequence[str] = field(default_factory=tuple)
+    validate_every: int | None = None
+    validation_steps: int = 20
+    validation_cfg_scale: float = 4.0
+    allow_pickle: bool = False
+
+    def check(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise DiffusmithError(f"unknown --mixed-precision {self.mixed_precision!r}: use no, bf16 or fp16")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise DiffusmithError("pass exactly one of --max-steps or --epochs")
+        for name in ("max_steps", "epochs", "batch_size", "gradient_accumulation", "save_every", "validate_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise DiffusmithError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise DiffusmithError(f"unknown --optimizer {self.optimizer!r}: use adamw or adamw8bit")
+        if self.validate_every and not self.validation_prompts:
+            raise DiffusmithError("--validate-every needs at least one --validation-prompt")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change between a run and its resume."""
+        keys = ("model", "dataset", "full", "lora_rank", "lora_alpha", "lora_targets", "height", "width",
+                "max_pixels", "batch_size", "gradient_accumulation", "seed", "repeat", "caption_dropout")
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keys}
+
+
+class _StopFlag:
+    """Ctrl-C asks for a clean stop at the next step boundary; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            logger.warning("stopping after this step (a checkpoint is saved); press Ctrl-C again to abort")
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def build_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    device = resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
+
+
+def build_pipeline(config: TrainConfig, device: torch.device):
+    from ..pipelines.qwen_image import QwenImagePipeline
+
+    return QwenImagePipeline.from_pretrained(config.model, device=device,
+                                             torch_dtype=MIXED_PRECISION[config.mixed_precision],
+                                             allow_pickle=config.allow_pickle)
+
+
+def batch_stream(loader, start_epoch: int, start_batches_done: int) -> Iterator[tuple[int, int, dict]]:
+    """(epoch, batches done in that epoch after this one, batch), endlessly across epochs."""
+    sampler, epoch = loader.batch_sampler, start_epoch
+    sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch, "batches_done": start_batches_done})
+    done = start_batches_done
+    while True:
+        loader.dataset.set_epoch(epoch)
+        for batch in loader:
+            done += 1
+            yield epoch, done, batch
+        epoch, done = epoch + 1, 0
+        sampler.set_epoch(epoch)
+
+
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) a training run; returns the path of the final weights."""
+    config.check()
+    out = Path(config.output)
+    accelerator = build_accelerator(config)
+    main = accelerator.is_main_process
+    check_output_folder(out, config.fingerprint(), resume=config.resume, is_main_process=main)
+    accelerator.wait_for_everyone()
+
+    dataset = load_dataset(config.dataset, height=config.height, width=config.width, max_pixels=config.max_pixels,
+                           caption_dropout=config.caption_dropout, repeat=config.repeat,
+                           skip_bad_samples=config.skip_bad_samples, seed=config.seed)
+    logger.info("%s", dataset.describe())
+    torch.manual_seed(config.seed)
+    pipe = build_pipeline(config, accelerator.device)
+    sampling = TimestepSampling(kind=config.timestep_sampling, mu=config.timestep_mu,
+                                weighting=config.loss_weighting)
+    module = TrainingModule(
+        pipe,
+        TrainableSpec(full=config.full, rank=config.lora_rank, alpha=config.lora_alpha,
+                      targets=config.lora_targets),
+        LossSpec(sampling=sampling, use_gradient_checkpointing=config.gradient_checkpointing,
+                 use_gradient_checkpointing_offload=config.gradient_checkpointing_offload),
+    )
+    loader = make_dataloader(dataset, config.batch_size, config.seed, num_workers=config.num_workers,
+                             num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    steps_per_epoch = max(1, len(loader.batch_sampler) // config.gradient_accumulation)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    optimizer = make_optimizer(module.trainable_parameters().values(), config.learning_rate,
+                               use_8bit=config.optimizer == "adamw8bit")
+    lr_scheduler = make_lr_scheduler(optimizer, config.lr_schedule, config.warmup_steps, total_steps)
+    # the LR scheduler and the data loader stay ours: accelerate's wrappers would step / shard them again
+    wrapped, optimizer = accelerator.prepare(module, optimizer)
+
+    step, epoch, batches_done = 0, 0, 0
+    checkpoint = resolve_resume(out, config.resume) if config.resume else None
+    if checkpoint is not None:
+        loaded = load_checkpoint(checkpoint, optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer")
+                                 else optimizer, lr_scheduler=lr_scheduler, rank=accelerator.process_index)
+        module.load_trainable_state_dict(loaded.trainable)
+        step, epoch = loaded.step, loaded.epoch
+        batches_done = loaded.data_state["batches_done"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    else:
+        torch.manual_seed(config.seed + accelerator.process_index)  # different noise on each process
+
+    validation = ValidationSpec(prompts=list(config.validation_prompts), every=config.validate_every,
+                                height=config.height or 512, width=config.width or 512,
+                                steps=config.validation_steps, cfg_scale=config.validation_cfg_scale,
+                                seed=config.seed)
+    metrics = MetricsLog(out / "logs", resume_step=step, enabled=main)
+    stream = batch_stream(loader, epoch, batches_done)
+
+    def save(at_step: int) -> Path | None:
+        accelerator.wait_for_everyone()
+        path = save_checkpoint(out, at_step, trainable=module.trainable_state_dict(), optimizer=optimizer,
+                               lr_scheduler=lr_scheduler, epoch=epoch,
+                               data_state={"epoch": epoch, "batches_done": batches_done},
+                               extra={"config": config.fingerprint()}, is_main_process=main,
+                               rank=accelerator.process_index, barrier=accelerator.wait_for_everyone,
+                               num_processes=accelerator.num_processes)
+        if main and config.keep_checkpoints:
+            prune_checkpoints(out, config.keep_checkpoints)
+        return path
+
+    progress = tqdm(total=total_steps, initial=step, disable=not main, desc="train", unit="step")
+    with _StopFlag() as stop:
+        while step < total_steps:
+            started = time.perf_counter()
+            loss_value = 0.0
+            for micro in range(config.gradient_accumulation):
+                epoch, batches_done, batch = next(stream)
+                last = micro == config.gradient_accumulation - 1
+                with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():
+                    loss = wrapped(batch)
+                    if not torch.isfinite(loss).all():
+                        good = latest_checkpoint(out)
+                        raise DiffusmithError(
+                            f"the loss became {loss.item()} at step {step + 1}: training stopped; the last good "
+                            f"checkpoint is {good or 'none'}; lower --learning-rate or check the data")
+                    accelerator.backward(loss / config.gradient_accumulation)
+                loss_value += loss.detach().float().item() / config.gradient_accumulation
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(list(module.trainable_parameters().values()), config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.perf_counter() - started
+            lr = lr_scheduler.get_last_lr()[0]
+            metrics.log(step, epoch, loss_value, lr, seconds)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", s_it=f"{seconds:.2f}")
+            progress.update(1)
+            if config.save_every and step % config.save_every == 0 and step < total_steps:
+                save(step)
+            if validation.due(step) and main:
+                _validate(pipe, module, validation, step, out, accelerator)
+            if stop.requested:
+                path = save(step)
+                progress.close()
+                metrics.close()
+                raise KeyboardInterrupt(f"stopped at step {step}; checkpoint {path}")
+    progress.close()
+    metrics.close()
+    if config.save_every:
+        save(step)
+    check_replicas_agree(accelerator, module)
+    final = save_final_weights(out, module, is_main_process=main)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_replicas_agree(accelerator, module: TrainingModule) -> None:
+    """Data-parallel processes must end with the same weights; a silent divergence would make the saved
+    result depend on which process wrote it."""
+    if accelerator.num_processes == 1:
+        return
+    params = module.trainable_parameters().values()
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
+    sums = accelerator.gather(checksum).cpu()
+    if not torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-9, atol=0):
+        raise DiffusmithError(f"data-parallel processes ended with different weights ({sums.tolist()}); "
+                              "please report this with your launch command")
+    logger.info("all %d processes hold the same weights", accelerator.num_processes)
+
+
+def _validate(pipe, module: TrainingModule, spec: ValidationSpec, step: int, out: Path, accelerator) -> None:
+    module.model.eval()
+    try:
+        with accelerator.autocast():
+            path = render_validation(pipe, spec, step, out / "samples")
+        logger.info("validation samples: %s", path)
+    finally:
+        module.model.train()
+
