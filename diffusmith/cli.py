@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     add_train_parser(sub)
+    add_train_parser(sub, "cache")
 
     ins = sub.add_parser("inspect", help="tell which model a .safetensors file holds", allow_abbrev=False)
     ins.add_argument("file")
@@ -116,12 +117,20 @@ def _probability(text: str) -> float:
     return value
 
 
-def add_train_parser(sub) -> None:
-    tr = sub.add_parser("train", help="fine-tune (LoRA or full) on a dataset", allow_abbrev=False)
+def add_train_parser(sub, name: str = "train") -> None:
+    if name == "train":
+        tr = sub.add_parser("train", help="fine-tune (LoRA or full) on a dataset", allow_abbrev=False)
+        tr.add_argument("--output", required=True,
+                        help="run folder: lora.safetensors, checkpoints/, samples/, logs/")
+        tr.add_argument("--cache", default=None,
+                        help="train from a feature cache made by `diffusmith cache` (no VAE/text encoder)")
+    else:
+        tr = sub.add_parser("cache", allow_abbrev=False,
+                            help="compute the frozen part (VAE latents, prompt embeddings) once, for train --cache")
+        tr.add_argument("--output", required=True, help="the cache folder to create")
     tr.add_argument("--model", required=True, help="folder in the official layout, or a hub repo id")
     tr.add_argument("--dataset", required=True,
                     help="folder of images + .txt captions, or a metadata.csv / metadata.jsonl")
-    tr.add_argument("--output", required=True, help="run folder: lora.safetensors, checkpoints/, samples/, logs/")
     what = tr.add_argument_group("what trains")
     what.add_argument("--full", action="store_true", help="full fine-tuning instead of a LoRA")
     what.add_argument("--lora-rank", type=_positive_int, default=16)
@@ -173,17 +182,32 @@ def add_train_parser(sub) -> None:
     tr.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    if args.num_processes > 1:
-        return _relaunch_with_accelerate(args)
-    from .training.runner import TrainConfig, train
+def _train_config(args: argparse.Namespace):
+    from .training.runner import TrainConfig
 
     fields = set(TrainConfig.__dataclass_fields__)
     options = {k: v for k, v in vars(args).items() if k in fields}
     options["lora_targets"] = None if args.lora_targets == "default" else [
         t.strip() for t in args.lora_targets.split(",") if t.strip()]
     options["validation_prompts"] = tuple(args.validation_prompt)
-    final = train(TrainConfig(**options))
+    if args.command == "cache":  # the cache accepts train's flags; the ones about steps do not matter
+        options.update(max_steps=options.get("max_steps") or 1, epochs=None)
+    return TrainConfig(**options)
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from .training.runner import cache_features
+
+    config = _train_config(args)
+    print(f"saved {cache_features(config, args.output)}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    if args.num_processes > 1:
+        return _relaunch_with_accelerate(args)
+    from .training.runner import train
+
+    final = train(_train_config(args))
     if os.environ.get("RANK", "0") == "0":  # one line, not one per data-parallel process
         print(f"saved {final}")
 
@@ -273,7 +297,7 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-COMMANDS = {"generate": cmd_generate, "train": cmd_train, "inspect": cmd_inspect}
+COMMANDS = {"generate": cmd_generate, "train": cmd_train, "cache": cmd_cache, "inspect": cmd_inspect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

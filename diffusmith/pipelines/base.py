@@ -99,6 +99,7 @@ class BasePipeline:
     """Holds models, the scheduler, device/dtype and the placement of models (offload)."""
 
     model_names: tuple[str, ...] = ()
+    trainable_model: str | None = None  # the model LoRAs apply to and training trains
 
     def __init__(self, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32,
                  offload: OffloadMode | str = "none", height_division_factor: int = 16,
@@ -121,14 +122,10 @@ class BasePipeline:
     # ---- LoRA --------------------------------------------------------------------------------------
     @property
     def lora_target(self) -> str:
-        """The model a LoRA applies to (and training trains). A pipeline class may name it
-        (``lora_target = "dit"``); by default it is the one loaded model declaring ``default_lora_targets``."""
-        names = [n for n, m in self.models().items() if getattr(m, "default_lora_targets", None)]
-        if len(names) != 1:
-            found = ", ".join(names) if names else "none"
-            raise DiffusmithError(f"{type(self).__name__}: cannot tell which model takes a LoRA (models declaring "
-                                  f"default_lora_targets: {found}); pass model_name")
-        return names[0]
+        """The model a LoRA applies to and training trains, as the pipeline class declares it."""
+        if self.trainable_model is None:
+            raise DiffusmithError(f"{type(self).__name__} declares no trainable model; pass model_name")
+        return self.trainable_model
 
     def load_lora(self, path: str | Path, scale: float = 1.0, model_name: str | None = None,
                   allow_pickle: bool = False) -> None:

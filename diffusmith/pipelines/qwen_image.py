@@ -7,6 +7,7 @@ The units below are all the preprocessing there is: training runs the same list 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -166,6 +167,8 @@ def _loose_file_converter(path: Path, folder: str, convert):
 # ---- the pipeline ----------------------------------------------------------------------------------
 class QwenImagePipeline(BasePipeline):
     model_names = ("text_encoder", "dit", "vae")
+    trainable_model = "dit"
+    component_folders = {attr: folder for attr, folder, _, _ in COMPONENTS}
     latent_channels = 16
 
     def __init__(self, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32,
@@ -192,10 +195,12 @@ class QwenImagePipeline(BasePipeline):
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str | torch.device = "cpu",
                         torch_dtype: torch.dtype | str = torch.float32, offload: str = "none",
-                        allow_pickle: bool = False, **overrides: str | Path) -> QwenImagePipeline:
+                        allow_pickle: bool = False, models: Sequence[str] | None = None,
+                        **overrides: str | Path) -> QwenImagePipeline:
         """Load a Qwen-Image folder in the official layout (or a hub repo id, downloaded on first use).
 
-        ``overrides`` replace a component by a loose file, e.g. ``transformer="my_finetune.safetensors"``."""
+        ``models`` loads only these (e.g. ``["dit"]`` to train from a feature cache); ``overrides`` replace a
+        component by a loose file, e.g. ``transformer="my_finetune.safetensors"``."""
         pipe = cls(device=resolve_device(device), torch_dtype=resolve_dtype(torch_dtype), offload=offload)
         root = resolve_model_path(model)
         unknown = set(overrides) - {folder for _, folder, _, _ in COMPONENTS}
@@ -203,8 +208,15 @@ class QwenImagePipeline(BasePipeline):
             raise DiffusmithError(f"unknown component override(s) {sorted(unknown)}: use "
                                   + ", ".join(folder for _, folder, _, _ in COMPONENTS))
         pipe.scheduler = FlowMatchScheduler.from_pretrained(component_folder(root, "scheduler"))
-        pipe.tokenizer = load_tokenizer(component_folder(root, "tokenizer"))
+        wanted = set(cls.model_names if models is None else models)
+        if wanted - set(cls.model_names):
+            raise DiffusmithError(f"unknown model name(s) {sorted(wanted - set(cls.model_names))}: use "
+                                  + ", ".join(cls.model_names))
+        if "text_encoder" in wanted:
+            pipe.tokenizer = load_tokenizer(component_folder(root, "tokenizer"))
         for attr, folder, build, convert in COMPONENTS:
+            if attr not in wanted:
+                continue
             config = component_config(root, folder)
             weights = overrides.get(folder) or component_folder(root, folder)
             if folder in overrides:

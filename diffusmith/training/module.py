@@ -20,6 +20,7 @@ from ..core.lora import inject_lora
 from ..errors import DiffusmithError
 from ..pipelines.base import BasePipeline, run_unit
 from ..schedulers.flow_match import TimestepSampling
+from .cache import FeatureCache, apply_cached_unit
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,11 @@ class TrainingModule(nn.Module):
     """Owns the trainable model (registered, so DDP/FSDP see its parameters); the frozen models stay in
     the pipeline, in eval mode and without gradients."""
 
-    def __init__(self, pipe: BasePipeline, trainable: TrainableSpec | None = None, loss: LossSpec | None = None):
+    def __init__(self, pipe: BasePipeline, trainable: TrainableSpec | None = None, loss: LossSpec | None = None,
+                 cache: FeatureCache | None = None):
         super().__init__()
         self.pipe = pipe
+        self.cache = cache
         self.spec = trainable or TrainableSpec()
         self.loss_spec = loss or LossSpec()
         self.model_name = pipe.lora_target
@@ -102,16 +105,19 @@ class TrainingModule(nn.Module):
     def prepare_inputs(self, batch: dict[str, Any]) -> tuple[dict, dict]:
         """Run the pipeline's units in training mode (CFG off). Units whose models are all frozen run
         without autograd: they are exactly what inference runs, and nothing in them trains."""
-        pipe = self.pipe
-        prompts = list(batch["prompt"])
+        pipe, cache = self.pipe, self.cache
         shared = dict(pipe.default_inputs())
         shared.update({k: v for k, v in batch.items() if k not in ("prompt",)})
         shared.update({"height": batch["height"][0], "width": batch["width"][0], "seed": None,
-                       "batch_size": len(prompts)})
-        posi, nega = {"prompt": prompts}, {}
+                       "batch_size": len(batch["height"])})
+        posi, nega = ({"prompt": list(batch["prompt"])} if "prompt" in batch else {}), {}
+        cached = cache.values(batch["cache_index"], batch["caption_dropped"], pipe.device) if cache else {}
         pipe.scheduler.training = True
         try:
             for unit in pipe.units:
+                if cache is not None and unit.name in cache.plan.cached_units:
+                    apply_cached_unit(cache.plan, unit, cached, shared, posi)
+                    continue
                 trains = self.model_name in unit.onload_model_names
                 with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
                     shared, posi, nega = run_unit(pipe, unit, shared, posi, nega, cfg=False)

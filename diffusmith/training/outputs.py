@@ -49,7 +49,10 @@ def save_final_weights(out: Path, module, *, is_main_process: bool = True) -> Pa
     if module.spec.full:
         path = out / "model.safetensors"
         if is_main_process:
-            state = {k: v.detach().contiguous().cpu() for k, v in module.model.state_dict().items()}
+            # stored in the dtype the frozen weights were loaded in (bf16 under --mixed-precision bf16)
+            dtype = module.pipe.torch_dtype
+            state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+                     for k, v in module.model.state_dict().items()}
             tmp = path.with_name(".model.safetensors.tmp")
             save_file(state, tmp)
             os.replace(tmp, path)

@@ -78,6 +78,7 @@ class TrainConfig:
     validation_steps: int = 20
     validation_cfg_scale: float = 4.0
     allow_pickle: bool = False
+    cache: str | None = None
 
     def check(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
@@ -132,12 +133,44 @@ def build_accelerator(config: TrainConfig):
     return Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
 
 
-def build_pipeline(config: TrainConfig, device: torch.device):
+def build_pipeline(config: TrainConfig, device: torch.device, models=None):
     from ..pipelines.qwen_image import QwenImagePipeline
 
     return QwenImagePipeline.from_pretrained(config.model, device=device,
                                              torch_dtype=MIXED_PRECISION[config.mixed_precision],
-                                             allow_pickle=config.allow_pickle)
+                                             allow_pickle=config.allow_pickle, models=models)
+
+
+def _pipeline_class():
+    from ..pipelines.qwen_image import QwenImagePipeline
+
+    return QwenImagePipeline
+
+
+def cache_options(config: TrainConfig) -> dict:
+    return {"height": config.height, "width": config.width, "max_pixels": config.max_pixels}
+
+
+def _frozen_folders(model_root: Path, trainable_folder: str) -> list[str]:
+    return sorted(p.name for p in model_root.iterdir() if p.is_dir() and p.name != trainable_folder)
+
+
+def cache_features(config: TrainConfig, output: str | Path) -> Path:
+    """``diffusmith cache``: run the frozen units over the dataset once and store what training needs."""
+    from ..core.hub import resolve_model_path
+    from .cache import build_cache
+
+    dataset = load_dataset(config.dataset, height=config.height, width=config.width, max_pixels=config.max_pixels,
+                           skip_bad_samples=config.skip_bad_samples, seed=config.seed)
+    logger.info("%s", dataset.describe())
+    cls = _pipeline_class()
+    frozen = [m for m in cls.model_names if m != cls.trainable_model]
+    pipe = build_pipeline(config, resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu")),
+                          models=frozen)
+    root = resolve_model_path(config.model)
+    return build_cache(pipe, dataset, output, trainable=[cls.trainable_model], model_root=root,
+                       cached_folders=_frozen_folders(root, cls.component_folders[cls.trainable_model]),
+                       options=cache_options(config))
 
 
 def batch_stream(loader, start_epoch: int, start_batches_done: int) -> Iterator[tuple[int, int, dict]]:
@@ -168,7 +201,22 @@ def train(config: TrainConfig) -> Path:
                            skip_bad_samples=config.skip_bad_samples, seed=config.seed)
     logger.info("%s", dataset.describe())
     torch.manual_seed(config.seed)
-    pipe = build_pipeline(config, accelerator.device)
+    cache, loader_dataset = None, dataset
+    if config.cache:
+        from ..core.hub import resolve_model_path
+        from .cache import CachedDataset, FeatureCache
+
+        cls = _pipeline_class()
+        root = resolve_model_path(config.model)
+        cache = FeatureCache(config.cache)
+        cache.check(dataset, root, _frozen_folders(root, cls.component_folders[cls.trainable_model]),
+                    cache_options(config), MIXED_PRECISION[config.mixed_precision])
+        loader_dataset = CachedDataset(dataset)
+        # the frozen models are not loaded at all, unless validation samples need the whole pipeline
+        models = None if config.validate_every else [cls.trainable_model]
+        pipe = build_pipeline(config, accelerator.device, models=models)
+    else:
+        pipe = build_pipeline(config, accelerator.device)
     sampling = TimestepSampling(kind=config.timestep_sampling, mu=config.timestep_mu,
                                 weighting=config.loss_weighting)
     module = TrainingModule(
@@ -177,8 +225,9 @@ def train(config: TrainConfig) -> Path:
                       targets=config.lora_targets),
         LossSpec(sampling=sampling, use_gradient_checkpointing=config.gradient_checkpointing,
                  use_gradient_checkpointing_offload=config.gradient_checkpointing_offload),
+        cache=cache,
     )
-    loader = make_dataloader(dataset, config.batch_size, config.seed, num_workers=config.num_workers,
+    loader = make_dataloader(loader_dataset, config.batch_size, config.seed, num_workers=config.num_workers,
                              num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     steps_per_epoch = max(1, len(loader.batch_sampler) // config.gradient_accumulation)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
