@@ -446,6 +446,10 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, *, trainable: Mapping
         attempt(write)
     barrier()
     if failure is not None:
+        if is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        if _is_out_of_space(failure) and not isinstance(failure, DiffusmithError):
+            raise _no_space_error(out_dir, final) from failure
         raise failure
     return final
 
@@ -506,14 +510,17 @@ def _write_checkpoint(out_dir: str | os.PathLike, step: int, final: Path, *, tra
     except BaseException as error:
         _remove_tree(tmp)
         if _is_out_of_space(error):
-            last_good = latest_checkpoint(out_dir)
-            raise DiffusmithError(f"no space left on device while saving checkpoint {final}; free space; the "
-                                  f"last good checkpoint is {last_good or 'none (no checkpoint saved yet)'}"
-                                  ) from error
+            raise _no_space_error(out_dir, final) from error
         raise
     if rng_from is not None:
         shutil.rmtree(rng_from, ignore_errors=True)
     logger.info("saved checkpoint %s", final)
+
+
+def _no_space_error(out_dir: str | os.PathLike, final: Path) -> DiffusmithError:
+    last_good = latest_checkpoint(out_dir)
+    return DiffusmithError(f"no space left on device while saving checkpoint {final}; free space; the last good "
+                           f"checkpoint is {last_good or 'none (no checkpoint saved yet)'}")
 
 
 def _publish(tmp: Path, final: Path) -> None:
