@@ -54,6 +54,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def _strength(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -170,6 +180,15 @@ def add_train_parser(sub, name: str = "train") -> None:
     run.add_argument("--gradient-checkpointing", action="store_true")
     run.add_argument("--gradient-checkpointing-offload", action="store_true",
                      help="checkpointing that also keeps the saved activations in CPU memory")
+    if name == "train":
+        run.add_argument("--block-swap", type=_non_negative_int, default=None, metavar="N",
+                         help="keep the frozen weights of only the last N transformer blocks on the GPU; the "
+                              "others wait in CPU memory and are copied in one block at a time (LoRA only)")
+        run.add_argument("--fp8-base", action="store_true",
+                         help="store the frozen transformer-block weights in fp8 (half of bf16), upcast one "
+                              "layer at a time (LoRA only)")
+        run.add_argument("--compile", action="store_true",
+                         help="torch.compile each transformer block (faster steps after slow first ones)")
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     run.add_argument("--num-processes", type=_positive_int, default=1,
                      help="data-parallel processes (relaunches through accelerate)")

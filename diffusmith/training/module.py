@@ -78,6 +78,8 @@ class TrainingModule(nn.Module):
             targets = list(self.spec.targets or self.model.default_lora_targets)
             self.lora_modules = inject_lora(self.model, targets, rank=self.spec.rank, alpha=self.spec.lora_alpha,
                                             exclude=unused)
+            for param in self.trainable_parameters().values():  # peft follows the base dtype: keep fp32
+                param.data = param.data.float()
         self.model.train()
         n = sum(p.numel() for p in self.trainable_parameters().values())
         logger.info("training %s: %s, %.2fM trainable parameters", self.model_name,

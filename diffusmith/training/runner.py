@@ -72,6 +72,9 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     gradient_checkpointing_offload: bool = False
+    block_swap: int | None = None  # blocks whose frozen weights stay on the device; None = no block swap
+    fp8_base: bool = False
+    compile: bool = False
     device: str | None = None
     validation_prompts: Sequence[str] = field(default_factory=tuple)
     validate_every: int | None = None
@@ -93,6 +96,13 @@ class TrainConfig:
             raise DiffusmithError(f"unknown --optimizer {self.optimizer!r}: use adamw or adamw8bit")
         if self.validate_every and not self.validation_prompts:
             raise DiffusmithError("--validate-every needs at least one --validation-prompt")
+        if self.block_swap is not None and (isinstance(self.block_swap, bool) or not isinstance(self.block_swap, int)
+                                            or self.block_swap < 0):
+            raise DiffusmithError(f"--block-swap must be a number of blocks >= 0, got {self.block_swap!r}")
+        if self.full and self.block_swap is not None:
+            raise DiffusmithError("block swap keeps frozen weights off the GPU; it does not work with --full")
+        if self.full and self.fp8_base:
+            raise DiffusmithError("--fp8-base stores the frozen weights in fp8; with --full every weight trains")
 
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between a run and its resume."""
@@ -139,6 +149,30 @@ def build_pipeline(config: TrainConfig, device: torch.device, models=None):
     return QwenImagePipeline.from_pretrained(config.model, device=device,
                                              torch_dtype=MIXED_PRECISION[config.mixed_precision],
                                              allow_pickle=config.allow_pickle, models=models)
+
+
+def apply_memory_modes(config: TrainConfig, module: TrainingModule, device: torch.device) -> None:
+    """--fp8-base, --block-swap and --compile on the trained model, in that order. With either of the
+    first two the pipeline was loaded in CPU memory (so the full-precision model never has to fit on the
+    device); everything but the swapped block weights moves to the device here."""
+    from ..core import memory
+
+    pipe, model = module.pipe, module.model
+    if config.fp8_base:
+        memory.enable_fp8_storage(model)
+    if config.block_swap is not None:
+        memory.enable_block_swap(model, device, config.block_swap)
+    if config.block_swap is not None or config.fp8_base:
+        # every process loaded the same frozen weights: data-parallel must not broadcast them (the swapped
+        # ones live in host memory, and NCCL/gloo cannot send fp8)
+        frozen = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if not t.requires_grad]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+    for other in pipe.models().values():
+        if other is not model or config.block_swap is None:
+            other.to(device)
+    pipe.device = device
+    if config.compile:
+        memory.compile_repeated_blocks(model)
 
 
 def _pipeline_class():
@@ -193,7 +227,8 @@ def train(config: TrainConfig) -> Path:
     out = Path(config.output)
     accelerator = build_accelerator(config)
     main = accelerator.is_main_process
-    check_output_folder(out, config.fingerprint(), resume=config.resume, is_main_process=main)
+    if main:  # one process decides (others would see the run.json it has just written)
+        check_output_folder(out, config.fingerprint(), resume=config.resume)
     accelerator.wait_for_everyone()
 
     dataset = load_dataset(config.dataset, height=config.height, width=config.width, max_pixels=config.max_pixels,
@@ -202,6 +237,8 @@ def train(config: TrainConfig) -> Path:
     logger.info("%s", dataset.describe())
     torch.manual_seed(config.seed)
     cache, loader_dataset = None, dataset
+    # fp8 conversion and block swap start from CPU memory; apply_memory_modes moves the models over
+    load_device = torch.device("cpu") if config.block_swap is not None or config.fp8_base else accelerator.device
     if config.cache:
         from ..core.hub import resolve_model_path
         from .cache import CachedDataset, FeatureCache
@@ -214,9 +251,9 @@ def train(config: TrainConfig) -> Path:
         loader_dataset = CachedDataset(dataset)
         # the frozen models are not loaded at all, unless validation samples need the whole pipeline
         models = None if config.validate_every else [cls.trainable_model]
-        pipe = build_pipeline(config, accelerator.device, models=models)
+        pipe = build_pipeline(config, load_device, models=models)
     else:
-        pipe = build_pipeline(config, accelerator.device)
+        pipe = build_pipeline(config, load_device)
     sampling = TimestepSampling(kind=config.timestep_sampling, mu=config.timestep_mu,
                                 weighting=config.loss_weighting)
     module = TrainingModule(
@@ -227,6 +264,7 @@ def train(config: TrainConfig) -> Path:
                  use_gradient_checkpointing_offload=config.gradient_checkpointing_offload),
         cache=cache,
     )
+    apply_memory_modes(config, module, accelerator.device)
     loader = make_dataloader(loader_dataset, config.batch_size, config.seed, num_workers=config.num_workers,
                              num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     steps_per_epoch = max(1, len(loader.batch_sampler) // config.gradient_accumulation)
@@ -235,7 +273,8 @@ def train(config: TrainConfig) -> Path:
                                use_8bit=config.optimizer == "adamw8bit")
     lr_scheduler = make_lr_scheduler(optimizer, config.lr_schedule, config.warmup_steps, total_steps)
     # the LR scheduler and the data loader stay ours: accelerate's wrappers would step / shard them again
-    wrapped, optimizer = accelerator.prepare(module, optimizer)
+    # with block swap, moving the module to the device would bring every swapped weight back onto it
+    wrapped, optimizer = accelerator.prepare(module, optimizer, device_placement=[config.block_swap is None, True])
 
     step, epoch, batches_done = 0, 0, 0
     checkpoint = resolve_resume(out, config.resume) if config.resume else None

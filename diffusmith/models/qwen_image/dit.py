@@ -322,7 +322,9 @@ class QwenImageDiT(nn.Module):
         joint attention (its text result is discarded). Training freezes them so that data-parallel
         training needs no unused-parameter search."""
         last = f"transformer_blocks.{len(self.transformer_blocks) - 1}"
-        return [f"{last}.attn.to_add_out", f"{last}.txt_mlp"]
+        # the text queries only shape the text result; text keys/values still reach the image
+        return [f"{last}.attn.add_q_proj", f"{last}.attn.norm_added_q", f"{last}.attn.to_add_out",
+                f"{last}.txt_mlp"]
 
     def __init__(self, config: QwenImageDiTConfig | None = None):
         super().__init__()
