@@ -29,8 +29,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     (the reference's order, so bf16 results match it); otherwise the product is taken in float32 and the
     result returned in ``x``'s dtype.
     """
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    normed = x.float() * torch.rsqrt(variance + eps)
+    x32 = x.float()  # one fp32 copy: autograd keeps it once, not twice
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     if weight is None:
         return normed.to(x.dtype)
     if weight.dtype in _HALF_DTYPES:

@@ -80,6 +80,12 @@ class TrainingModule(nn.Module):
                                             exclude=unused)
             for param in self.trainable_parameters().values():  # peft follows the base dtype: keep fp32
                 param.data = param.data.float()
+            if next(self.model.parameters()).dtype != torch.float32:
+                # compute runs under autocast: peft's cast of each LoRA input to fp32 would only keep an
+                # extra copy of every input for backward (same result, less memory)
+                for module in self.model.modules():
+                    if hasattr(module, "cast_input_dtype_enabled"):
+                        module.cast_input_dtype_enabled = False
         self.model.train()
         n = sum(p.numel() for p in self.trainable_parameters().values())
         logger.info("training %s: %s, %.2fM trainable parameters", self.model_name,
@@ -134,7 +140,10 @@ class TrainingModule(nn.Module):
         if x0 is None:
             raise DiffusmithError("training needs an input image per sample (the dataset's image column)")
         seq_len = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
-        timestep = pipe.scheduler.sample_training_timesteps(x0.shape[0], seq_len, spec.sampling).to(x0.device)
+        timestep_cpu = pipe.scheduler.sample_training_timesteps(x0.shape[0], seq_len, spec.sampling)
+        # the weight comes from the CPU copy: no device sync between forward and backward
+        weight = pipe.scheduler.training_weight(timestep_cpu, seq_len, spec.sampling)
+        timestep = timestep_cpu.to(x0.device, non_blocking=True)
         x_t = pipe.scheduler.add_noise(x0, noise, timestep)
         inputs = {**shared, **posi, "latents": x_t}
         velocity = pipe.model_fn(self.model, **inputs, timestep=timestep,
@@ -142,7 +151,7 @@ class TrainingModule(nn.Module):
                                  use_gradient_checkpointing_offload=spec.use_gradient_checkpointing_offload)
         target = pipe.scheduler.training_target(x0.float(), noise.float())
         per_sample = (velocity.float() - target).pow(2).mean(dim=tuple(range(1, target.ndim)))
-        weight = pipe.scheduler.training_weight(timestep.float().cpu(), seq_len, spec.sampling).to(per_sample)
+        weight = weight.to(per_sample.device, non_blocking=True)
         return (per_sample * weight).mean()
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:

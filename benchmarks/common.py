@@ -1,0 +1,355 @@
+"""Shared helpers of the benchmarks: timing, peak memory, exact byte counts, machine info, peer imports.
+
+Used by ``benchmarks/run.py`` (side-by-side, mid-size model) and ``benchmarks/gpu.py`` (real-size model).
+Not part of the diffusmith package: these scripts add the repository root to ``sys.path`` themselves, so they
+run from a plain checkout (the GPU machine has no diffusmith installed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import importlib
+import importlib.abc
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MB = 2**20
+
+
+def add_repo_to_path() -> None:
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+def ensure_malloc_env() -> None:
+    """Re-exec this process once with glibc's mmap threshold pinned at 64 KiB.
+
+    glibc raises its mmap threshold after big blocks are freed, and then serves big tensors from the heap,
+    which it keeps: the process RSS would stop following the live tensors. With a fixed threshold every
+    tensor above 64 KiB is its own mapping, given back on free, so RSS sampling measures what is alive.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.system() != "Linux":
+        return
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], device) -> float:
+    """Seconds one call of ``fn`` takes, with the device's queue drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median(values: Iterable[float]) -> float:
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------------------
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory above the level at the start of the window, in bytes (``.delta``).
+
+    CUDA: the caching allocator's exact ``max_memory_allocated`` minus ``memory_allocated`` at the start.
+    CPU: a thread samples the process RSS every ``interval`` seconds; peak RSS minus RSS at the start (after
+    ``malloc_trim``). Sampling can miss a spike shorter than the interval, so CPU numbers are a lower bound.
+    """
+
+    def __init__(self, device, interval: float = 0.001):
+        import torch
+
+        self.device = torch.device(device)
+        self.interval = interval
+        self.delta = 0
+        self.start = 0
+        self.peak = 0
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        import gc
+
+        gc.collect()
+        malloc_trim()
+        self.start = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, rss_bytes())
+        self.delta = max(0, self.peak - self.start)
+
+
+class SavedTensors:
+    """Exact bytes of the tensors autograd saves for backward inside the window, parameters left out
+    (a storage counted once). Checkpointed regions save through checkpointing's own hooks, which this
+    does not see: use it on runs without gradient checkpointing."""
+
+    def __init__(self, module):
+        import torch
+
+        self._torch = torch
+        self._params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        self._seen: dict[int, int] = {}
+        self.bytes = 0
+
+    def _pack(self, t):
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return t
+        ptr = storage.data_ptr()
+        if ptr not in self._params:
+            self._seen[ptr] = storage.nbytes()
+        return t
+
+    def __enter__(self) -> SavedTensors:
+        self._hooks = self._torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        self.bytes = sum(self._seen.values())
+        self._seen.clear()
+
+
+def module_bytes(module) -> int:
+    """Exact bytes of a module's parameters and buffers (shared storage counted once)."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def trainable_bytes(module) -> int:
+    """Bytes the gradients of the trainable parameters take (a gradient has its parameter's dtype)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    import torch
+
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Machine and versions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> str:
+    """1-minute load average and CPU count: other processes on a shared machine skew CPU timings."""
+    try:
+        return f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+    except OSError:
+        return "unknown"
+
+
+def machine_info(device) -> dict:
+    import torch
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": _version("diffusers"),
+        "diffsynth": _version("diffsynth"),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "cpu": f"{cpu_model()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})",
+        "load": load_average(),
+    }
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda})"
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The incumbent (diffsynth) without its data-loading extras
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _StubModule(types.ModuleType):
+    """Empty module: any attribute is another stub. Stands in for modules the benchmark never calls."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        child = _StubModule(f"{self.__name__}.{name}")
+        child.__path__ = []
+        setattr(self, name, child)
+        return child
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self.__name__} is a stub in the benchmark")
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, roots: Iterable[str]):
+        self.roots = tuple(roots)
+
+    def find_spec(self, name, path, target=None):
+        if any(name == r or name.startswith(r + ".") for r in self.roots):
+            return importlib.util.spec_from_loader(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _StubModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+def import_diffsynth() -> types.SimpleNamespace:
+    """Import the parts of diffsynth the benchmark runs: Qwen-Image DiT classes, ``model_fn_qwen_image``,
+    its pipeline, ``FlowMatchSFTLoss`` and its LoRA injection.
+
+    ``import diffsynth`` pulls in its dataset code (torchvision, imageio) and model-hub client (modelscope),
+    which the DiT and the loss never use; those two are replaced by empty stub modules when missing, so the
+    benchmark needs neither. Raises ImportError when diffsynth itself is not installed.
+    """
+    roots = ["diffsynth.core.data"]
+    if importlib.util.find_spec("modelscope") is None:
+        roots.append("modelscope")
+    if not any(isinstance(f, _StubFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _StubFinder(roots))
+    dit = importlib.import_module("diffsynth.models.qwen_image_dit")
+    modules = importlib.import_module("diffsynth.models.general_modules")
+    pipeline = importlib.import_module("diffsynth.pipelines.qwen_image")
+    loss = importlib.import_module("diffsynth.diffusion.loss")
+    training = importlib.import_module("diffsynth.diffusion.training_module")
+    return types.SimpleNamespace(
+        QwenImageDiT=dit.QwenImageDiT,
+        QwenImageTransformerBlock=dit.QwenImageTransformerBlock,
+        QwenEmbedRope=dit.QwenEmbedRope,
+        ApproximateGELU=dit.ApproximateGELU,
+        TimestepEmbeddings=modules.TimestepEmbeddings,
+        RMSNorm=modules.RMSNorm,
+        AdaLayerNorm=modules.AdaLayerNorm,
+        QwenImagePipeline=pipeline.QwenImagePipeline,
+        model_fn_qwen_image=pipeline.model_fn_qwen_image,
+        FlowMatchSFTLoss=loss.FlowMatchSFTLoss,
+        DiffusionTrainingModule=training.DiffusionTrainingModule,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Markdown results file
+# ---------------------------------------------------------------------------------------------------------
+
+RESULTS_HEADER = """# diffusmith benchmarks
+
+Side-by-side measurements against diffusers (the reference) and DiffSynth-Studio (the incumbent), written by
+`benchmarks/run.py` (one section per device, replaced on each run) and `benchmarks/gpu.py`; see
+benchmarks/RESULTS.md in the repository for how to run them.
+"""
+
+
+def replace_section(path: str | Path, tag: str, body: str) -> None:
+    """Write ``body`` between ``<!-- TAG:start -->`` and ``<!-- TAG:end -->`` in ``path`` (appended if absent)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else RESULTS_HEADER
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

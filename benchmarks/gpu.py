@@ -1,0 +1,293 @@
+"""Real-size Qwen-Image DiT on one GPU: seconds per step, peak GPU memory and model FLOPs utilisation.
+
+Training (default): a LoRA step at 1024x1024 (4096 image tokens) with a 256-token prompt, LoRA rank 32 on the
+model's default targets (fp32 LoRA weights, bf16 frozen weights, bf16 autocast), gradient checkpointing per
+block, AdamW: diffusmith's ``TrainingModule.loss_from_inputs`` + backward + AdamW step + zero_grad.
+``--infer``: one denoising step with true CFG (two DiT calls + CFG combine + Euler step), bf16.
+
+The random bf16 weights are made directly on the GPU (20.4B parameters, 41 GB: nothing is allocated on the
+host). ``--block-swap N`` keeps all blocks but the last N in pinned host memory
+(``diffusmith.core.memory.enable_block_swap``).
+
+    python benchmarks/gpu.py [--infer] [--block-swap N] [--steps 5] [--warmup 2] [--layers K] [--json PATH]
+
+MFU: the DiT's matmul FLOPs are counted analytically. One forward ``F`` = for each stream, 2 x (weights of its
+Linears) x (its tokens), plus 4 x L^2 x D per block for attention (L = text + image tokens, D = width). A
+training step is credited ``3F`` ("model FLOPs": forward + backward); ``mfu_hw`` credits ``4F`` (the forward
+recomputed by checkpointing as well). With frozen base weights a LoRA step computes no weight gradients, so
+what actually runs is about F (forward) + F (recompute) + F (input gradients) = 3F: for this step ``mfu``
+is also the hardware utilisation. An inference step is credited ``2F`` (two CFG forwards). LoRA matmuls
+(about 2% more) are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import common
+
+common.add_repo_to_path()
+
+import torch  # noqa: E402
+
+logger = logging.getLogger("benchmarks.gpu")
+GiB = 2**30
+
+# Dense bf16 peak (no sparsity) of SXM boards; a PCIe H100 is lower.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12))
+
+
+def peak_flops(name: str) -> float | None:
+    for key, value in PEAK_BF16_FLOPS:
+        if key in name:
+            return value
+    return None
+
+
+def dit_forward_flops(cfg, image_tokens: int, text_tokens: int, batch: int = 1) -> float:
+    """Matmul FLOPs of one DiT forward (see the module docstring)."""
+    d, mlp, joint = cfg.inner_dim, cfg.mlp_ratio * cfg.inner_dim, cfg.joint_attention_dim
+    tokens = image_tokens + text_tokens
+    stream_linears = 4 * d * d + 2 * d * mlp  # q, k, v, out + MLP in/out: per stream, per token
+    per_block = (2 * stream_linears * tokens  # both streams: image tokens through one, text through the other
+                 + 2 * 2 * d * 6 * d  # AdaLN modulation of both streams, once per sample
+                 + 4 * tokens * tokens * d)  # attention: Q K^T and P V
+    outside = (2 * image_tokens * cfg.in_channels * d  # img_in
+               + 2 * text_tokens * joint * d  # txt_in
+               + 2 * image_tokens * d * cfg.patch_size ** 2 * cfg.out_channels  # proj_out
+               + 2 * d * 2 * d  # norm_out modulation
+               + 2 * (cfg.timestep_embedding_dim * d + d * d))  # timestep MLP
+    return float(batch * (cfg.num_layers * per_block + outside))
+
+
+def build_dit(cfg, device: torch.device):
+    """Random bf16 DiT made directly on ``device`` (default init; weights never exist in fp32)."""
+    from diffusmith.models.qwen_image.dit import QwenImageDiT
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = QwenImageDiT(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    return model
+
+
+def run(args) -> dict:
+    from diffusmith.models.qwen_image.dit import PRESETS
+    from diffusmith.pipelines.qwen_image import QwenImagePipeline, QwenImageUnit_NoiseInitializer, cfg_combine
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else common.cpu_model()
+    cfg = dataclasses.replace(PRESETS["real"], num_layers=args.layers or PRESETS["real"].num_layers)
+    latent = args.size // 8
+    image_tokens = (latent // 2) ** 2
+    valid = args.text_valid or args.text_len
+    result: dict = {
+        "mode": "infer" if args.infer else "train",
+        "device": name,
+        "torch": torch.__version__,
+        "layers": cfg.num_layers,
+        "pixels": args.size,
+        "image_tokens": image_tokens,
+        "text_tokens": args.text_len,
+        "text_valid": valid,
+        "batch": 1,
+        "block_swap": args.block_swap,
+    }
+
+    started = time.perf_counter()
+    dit = build_dit(cfg, device)
+    common.synchronize(device)
+    result["build_s"] = round(time.perf_counter() - started, 2)
+    result["params_b"] = sum(p.numel() for p in dit.parameters()) / 1e9
+    result["weights_gb"] = common.module_bytes(dit) / GiB
+    logger.info("built %d-layer DiT on %s in %.1f s: %.2fB parameters, %.1f GiB", cfg.num_layers, name,
+                result["build_s"], result["params_b"], result["weights_gb"])
+
+    pipe = QwenImagePipeline(device=device, torch_dtype=torch.bfloat16)
+    pipe.dit = dit
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(1, args.text_len, cfg.joint_attention_dim, generator=g).to(device, torch.bfloat16)
+    neg = torch.randn(1, args.text_len, cfg.joint_attention_dim, generator=g).to(device, torch.bfloat16)
+    mask = None  # batch 1 with no padding: diffusmith's prompt encoder gives no mask
+    if valid < args.text_len:
+        mask = torch.zeros(1, args.text_len, dtype=torch.long, device=device)
+        mask[:, :valid] = 1
+    forward_flops = dit_forward_flops(cfg, image_tokens, args.text_len)
+    result["forward_tflop"] = forward_flops / 1e12
+
+    if args.infer:
+        dit.eval()
+        step_flops, hw_flops = 2 * forward_flops, 2 * forward_flops
+        pipe.scheduler.set_timesteps(1000, image_seq_len=image_tokens, device=device)
+        state = {"latents": torch.randn(1, 16, latent, latent, generator=g).to(device, torch.bfloat16), "i": 0}
+
+        @torch.no_grad()
+        def step() -> None:  # the body of QwenImagePipeline.__call__'s loop
+            i, latents = state["i"], state["latents"]
+            t = pipe.scheduler.timesteps[i]
+            v = pipe.model_fn(pipe.dit, latents=latents, timestep=t, prompt_emb=emb, prompt_emb_mask=mask)
+            v_neg = pipe.model_fn(pipe.dit, latents=latents, timestep=t, prompt_emb=neg, prompt_emb_mask=mask)
+            state["latents"] = pipe.scheduler.step(cfg_combine(v, v_neg, 4.0), i, latents)
+            state["i"] = i + 1
+
+        optimizer = None
+    else:
+        from diffusmith.schedulers.flow_match import TimestepSampling
+        from diffusmith.training.module import LossSpec, TrainableSpec, TrainingModule
+        from diffusmith.training.optim import make_optimizer
+
+        step_flops, hw_flops = 3 * forward_flops, (3 if args.no_gc else 4) * forward_flops
+        module = TrainingModule(pipe, TrainableSpec(rank=args.rank),
+                                LossSpec(sampling=TimestepSampling(), use_gradient_checkpointing=not args.no_gc))
+        params = list(module.trainable_parameters().values())
+        lora_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+        if args.lora_dtype == "fp32":
+            for p in params:  # fp32 LoRA under bf16 autocast (TrainingModule leaves it in the model dtype)
+                p.data = p.data.float()
+        result["lora_params_m"] = sum(p.numel() for p in params) / 1e6
+        result["lora_dtype"] = f"{'/'.join(lora_dtypes)} -> {args.lora_dtype}"
+        optimizer = make_optimizer(params, 1e-4)
+        x0 = torch.randn(1, 16, latent, latent, generator=g).to(device, torch.bfloat16)
+        noise_unit = QwenImageUnit_NoiseInitializer()
+
+        def step() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                noise = noise_unit.process(pipe, height=args.size, width=args.size, seed=None, batch_size=1)
+                loss = module.loss_from_inputs({"input_latents": x0, **noise},
+                                               {"prompt_emb": emb, "prompt_emb_mask": mask})
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    swap = None
+    if args.block_swap is not None:
+        try:
+            from diffusmith.core.memory import enable_block_swap
+        except ImportError as e:
+            msg = f"--block-swap needs diffusmith.core.memory.enable_block_swap, absent here ({e})"
+            raise SystemExit(msg) from None
+        started = time.perf_counter()
+        swap = enable_block_swap(dit, device, blocks_on_device=args.block_swap)
+        common.synchronize(device)
+        if cuda:
+            torch.cuda.empty_cache()
+        result["swap_setup_s"] = round(time.perf_counter() - started, 2)
+        on_device = min(args.block_swap, cfg.num_layers)
+        block_gb = common.module_bytes(dit.transformer_blocks[-1]) / GiB
+        result["block_weights_on_device_gb"] = on_device * block_gb
+        logger.info("block swap: %d of %d blocks on the GPU (%.1f GiB of block weights), setup %.1f s", on_device,
+                    cfg.num_layers, on_device * block_gb, result["swap_setup_s"])
+
+    times = []
+    common.synchronize(device)
+    base = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        seconds = common.time_call(step, device)
+        logger.info("step %d/%d%s: %.3f s", i + 1, args.warmup + args.steps, " (warm-up)" if i < args.warmup else "",
+                    seconds)
+        if i >= args.warmup:
+            times.append(seconds)
+    peak = torch.cuda.max_memory_allocated() if cuda else float("nan")  # CPU: a smoke test, no memory
+    step_s = common.median(times)
+    result.update({
+        "step_s": step_s,
+        "steps_s": [round(t, 4) for t in times],
+        "peak_gb": peak / GiB,
+        "resident_before_gb": base / GiB,
+        "optimizer_state_gb": (common.optimizer_state_bytes(optimizer) / GiB) if optimizer else 0.0,
+        "tflops_per_s": step_flops / step_s / 1e12,
+    })
+    peak_bf16 = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(name)
+    result["peak_bf16_tflops"] = peak_bf16 / 1e12 if peak_bf16 else None
+    result["mfu"] = step_flops / step_s / peak_bf16 if peak_bf16 else None
+    result["mfu_hw"] = hw_flops / step_s / peak_bf16 if peak_bf16 else None
+    if swap is not None:
+        result["swap_stats"] = dict(swap.stats)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--infer", action="store_true", help="time a CFG denoising step instead of training")
+    parser.add_argument("--block-swap", type=int, default=None, metavar="N", help="keep N blocks on the GPU")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=None, help="a smaller slice of the model (default 60)")
+    parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    parser.add_argument("--text-len", type=int, default=256)
+    parser.add_argument("--text-valid", type=int, default=None, help="real text tokens (fewer: padding + mask)")
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--lora-dtype", choices=["fp32", "as-is"], default="fp32")
+    parser.add_argument("--no-gc", action="store_true", help="train without gradient checkpointing")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if unknown")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--results", default=None, help="a markdown file to write this run's section into")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with --layers 1")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        logger.error("gpu.py needs a CUDA device")
+        return 2
+    try:
+        result = run(args)
+        code = 0
+    except (Exception, SystemExit) as e:  # report in the JSON too, so a batch job keeps what it learnt
+        logger.error("%s", traceback.format_exc())
+        result = {"mode": "infer" if args.infer else "train", "block_swap": args.block_swap,
+                  "error": f"{type(e).__name__}: {e}"}
+        if torch.cuda.is_available():
+            result["peak_gb_at_error"] = torch.cuda.max_memory_allocated() / GiB
+        code = 1
+    result["command"] = "python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    logger.info("%s", json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.results:
+        tag = f"gpu.py:{result['mode']}" + (f"-swap{args.block_swap}" if args.block_swap is not None else "")
+        common.replace_section(args.results, tag, markdown(result))
+    return code
+
+
+def markdown(r: dict) -> str:
+    """One short section per gpu.py run, for RESULTS.md."""
+    title = {"train": "LoRA training step", "infer": "inference step (true CFG)"}[r["mode"]]
+    swap = f", block swap: {r['block_swap']} blocks on the GPU" if r.get("block_swap") is not None else ""
+    head = f"### Real-size DiT, {title}{swap}"
+    if "error" in r:
+        return f"{head}\n\n`{r['command']}` failed: {r['error']}"
+    mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+    mfu_hw = "-" if r.get("mfu_hw") is None else f"{100 * r['mfu_hw']:.1f}%"
+    lines = [
+        head, "",
+        f"{r['device']}, torch {r['torch']}; {r['layers']} blocks ({r['params_b']:.2f}B parameters, bf16, "
+        f"{r['weights_gb']:.1f} GiB), {r['pixels']}x{r['pixels']} ({r['image_tokens']} image tokens), text "
+        f"{r['text_tokens']} tokens, batch 1" + (f", LoRA {r['lora_params_m']:.1f}M ({r['lora_dtype']}), "
+                                                 "gradient checkpointing, AdamW" if r["mode"] == "train" else "")
+        + f". `{r['command']}`", "",
+        "| s/step (median) | steps | peak GPU GiB | TFLOP/s | MFU | MFU incl. recompute | forward TFLOP |",
+        "|---|---|---|---|---|---|---|",
+        f"| {r['step_s']:.3f} | {', '.join(f'{t:.3f}' for t in r['steps_s'])} | {r['peak_gb']:.1f} | "
+        f"{r['tflops_per_s']:.0f} | {mfu} | {mfu_hw} | {r['forward_tflop']:.1f} |",
+    ]
+    if r.get("swap_stats"):
+        lines += ["", f"Block swap: {r['block_weights_on_device_gb']:.1f} GiB of block weights on the GPU, setup "
+                  f"{r['swap_setup_s']:.0f} s, copies {r['swap_stats']}."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU benchmark job: run from the repository root on the GPU machine, with .whl/ carried along
+# (diffusers, diffsynth and the pure-Python packages they need that the machine lacks) and $OUT set.
+# Everything it learns goes to $OUT (6 files): bench_gpu.json, RESULTS_gpu.md, gpu_real.json, gpu_swap.json,
+# gpu_infer.json, log.txt. Each command has its own time limit (120 + 90 + 120 + 60 s): the whole job ends
+# within about 6.5 minutes, usually well before.
+set -x
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/diffusmith-bench}
+mkdir -p "$OUT"
+LOG=$OUT/log.txt
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; free -g; nproc;
+  python3 -c "import importlib.metadata as m; print({p: m.version(p) for p in ('torch', 'diffusers', 'diffsynth', 'transformers', 'peft', 'einops')})"; } 2>&1 | tee -a "$LOG"
+
+# 0. the checks that need a GPU (real device placement, bf16 on CUDA, block swap, CUDA RNG in checkpoints)
+timeout 80 python3 -m pytest -q -x -m gpu tests/test_gpu.py tests/test_memory.py tests/test_checkpoint.py \
+  -p no:cacheprovider 2>&1 | tee -a "$LOG"
+
+# 1. side by side (mid-size model, all modes, 3 implementations): about a minute
+timeout 100 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
+  --json "$OUT/bench_gpu.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+
+# 2. real size (60 blocks, 20.4B, bf16), 1024x1024, LoRA rank 32, gradient checkpointing, AdamW
+timeout 80 python3 benchmarks/gpu.py --json "$OUT/gpu_real.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+
+# 3. the same with block swap: 22 blocks on the GPU = 22 x 0.68 GB = 15 GB of block weights (~16 GB budget);
+#    the other 38 blocks (26 GB) wait in pinned host memory
+timeout 100 python3 benchmarks/gpu.py --block-swap 22 --json "$OUT/gpu_swap.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+
+# 4. real-size inference step (bf16, true CFG: two DiT calls + combine + Euler step)
+timeout 50 python3 benchmarks/gpu.py --infer --json "$OUT/gpu_infer.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+
+ls -la "$OUT"

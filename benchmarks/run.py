@@ -1,0 +1,836 @@
+"""Side-by-side benchmark: diffusmith vs diffusers (reference) vs DiffSynth-Studio (incumbent).
+
+One mid-size random Qwen-Image DiT (same weights and inputs for all three), one process, implementations
+alternated step by step. For each mode it reports seconds per step (median after warm-up) and peak memory:
+
+- ``train-*``: one LoRA training step = loss (noise, timestep, forward) + backward + AdamW step + zero_grad,
+  each framework through its own training code: diffusmith ``TrainingModule.loss_from_inputs`` (the loss the
+  trainer takes after the pipeline units ran), diffusers the step of ``train_dreambooth_lora_qwen_image.py``
+  (weighting ``none``), diffsynth ``FlowMatchSFTLoss`` over its ``model_fn_qwen_image``.
+- ``infer-*``: one denoising step with true CFG (two DiT calls + CFG combine + Euler step), each through its
+  pipeline's own model call and scheduler.
+
+    python benchmarks/run.py [--device cpu|cuda] [--runs 10] [--warmup 3] [--json PATH] [--modes ...]
+                             [--impls ...] [--results benchmarks/RESULTS.md] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import logging
+import math
+import shlex
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import common
+
+common.add_repo_to_path()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+logger = logging.getLogger("benchmarks.run")
+
+IMPLS = ("diffusmith", "diffusers", "diffsynth")
+MODES = {
+    # name: (training, dtype, gradient checkpointing)
+    "train-bf16": (True, torch.bfloat16, False),
+    "train-bf16-gc": (True, torch.bfloat16, True),
+    "train-fp32": (True, torch.float32, False),
+    "train-fp32-gc": (True, torch.float32, True),
+    "infer-bf16": (False, torch.bfloat16, False),
+    "infer-fp32": (False, torch.float32, False),
+}
+# The same LoRA targets in all three (peft suffix matching; the module names are the checkpoint's in all three):
+# attention of both streams, both MLPs, both AdaLN modulations: diffusmith's default list.
+LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "txt_mod.1",
+)
+CFG_SCALE = 4.0
+LR = 1e-4
+# Qwen-Image's scheduler_config.json
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                        max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                        time_shift_type="exponential")
+
+
+@dataclass(frozen=True)
+class Size:
+    layers: int
+    heads: int
+    pixels: int
+    text_len: int
+    text_valid: int
+    rank: int
+    head_dim: int = 128
+    axes: tuple[int, int, int] = (16, 56, 56)
+    joint_dim: int = 3584
+    batch: int = 1
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def latent(self) -> int:
+        return self.pixels // 8
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.latent // 2) ** 2
+
+    def describe(self) -> str:
+        return (f"{self.layers} layers, {self.heads} heads x {self.head_dim} = width {self.width}, rope axes "
+                f"{self.axes}, joint_attention_dim {self.joint_dim}, in 64 / out 16; {self.pixels}x{self.pixels} "
+                f"(latents {self.latent}x{self.latent}, {self.image_tokens} image tokens), batch {self.batch}, text "
+                f"{self.text_len} tokens ({self.text_valid} real + {self.text_len - self.text_valid} padding, "
+                f"masked), LoRA rank {self.rank}")
+
+
+MID = Size(layers=4, heads=6, pixels=512, text_len=128, text_valid=100, rank=16)
+SMALL = Size(layers=2, heads=2, pixels=256, text_len=64, text_valid=50, rank=16)
+
+
+@dataclass
+class Inputs:
+    """The same tensors for every implementation (fp32 masters; each mode casts them)."""
+
+    x0: torch.Tensor  # (B, 16, h, w) clean latents
+    emb: torch.Tensor  # (B, T, joint) prompt embeddings
+    neg: torch.Tensor  # (B, T, joint) negative prompt embeddings
+    mask: torch.Tensor  # (B, T) long, 1 = real token
+    noise: torch.Tensor  # (B, 16, h, w) initial noise for inference
+
+
+@dataclass
+class Runner:
+    """One implementation set up for one mode: ``step()`` runs one measured step."""
+
+    step: Callable[[], None]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def resident_bytes(self) -> int:
+        """Weights + optimizer state: what is alive before a step starts (gradients are set to None)."""
+        return common.module_bytes(self.model) + (common.optimizer_state_bytes(self.optimizer)
+                                                  if self.optimizer else 0)
+
+    def grad_bytes(self) -> int:
+        if self.optimizer is None:
+            return 0
+        return sum(p.numel() * p.element_size() for g in self.optimizer.param_groups for p in g["params"])
+
+    def lora_summary(self) -> str:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]] if self.optimizer else []
+        if not params:
+            return "-"
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+        return f"{sum(p.numel() for p in params) / 1e6:.2f}M {'/'.join(dtypes)}"
+
+
+@dataclass
+class Context:
+    size: Size
+    device: torch.device
+    state_dict: dict[str, torch.Tensor]
+    inputs: Inputs
+
+    def autocast(self, dtype: torch.dtype):
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return t.to(device=self.device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models from the same weights
+# ---------------------------------------------------------------------------------------------------------
+
+
+def diffusers_transformer(size: Size) -> nn.Module:
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=size.layers, attention_head_dim=size.head_dim,
+        num_attention_heads=size.heads, joint_attention_dim=size.joint_dim, axes_dims_rope=size.axes,
+    )
+
+
+def diffusmith_dit(size: Size) -> nn.Module:
+    from diffusmith.models.qwen_image.dit import QwenImageDiT, QwenImageDiTConfig
+
+    config = QwenImageDiTConfig(num_layers=size.layers, attention_head_dim=size.head_dim,
+                                num_attention_heads=size.heads, joint_attention_dim=size.joint_dim,
+                                axes_dims_rope=size.axes)
+    return QwenImageDiT(config)
+
+
+def diffsynth_dit(ds, size: Size) -> nn.Module:
+    """diffsynth's ``QwenImageDiT``. Its constructor hard-codes the real width (3072, 24 heads, 3584 text, rope
+    axes (16, 56, 56)), so a smaller width is assembled from its own classes exactly as that constructor does."""
+    if (size.width, size.heads, size.joint_dim, tuple(size.axes)) == (3072, 24, 3584, (16, 56, 56)):
+        return ds.QwenImageDiT(num_layers=size.layers)
+    dim = size.width
+    model = ds.QwenImageDiT.__new__(ds.QwenImageDiT)
+    nn.Module.__init__(model)
+    model.pos_embed = ds.QwenEmbedRope(theta=10000, axes_dim=list(size.axes), scale_rope=True)
+    model.time_text_embed = ds.TimestepEmbeddings(256, dim, diffusers_compatible_format=True, scale=1000,
+                                                  align_dtype_to_timestep=False, use_additional_t_cond=False)
+    model.txt_norm = ds.RMSNorm(size.joint_dim, eps=1e-6)
+    model.img_in = nn.Linear(64, dim)
+    model.txt_in = nn.Linear(size.joint_dim, dim)
+    model.transformer_blocks = nn.ModuleList(
+        [ds.QwenImageTransformerBlock(dim=dim, num_attention_heads=size.heads, attention_head_dim=size.head_dim)
+         for _ in range(size.layers)])
+    model.norm_out = ds.AdaLayerNorm(dim, single=True)
+    model.proj_out = nn.Linear(dim, 64)
+    return model
+
+
+def load_weights(model: nn.Module, state_dict: dict, ctx: Context, dtype: torch.dtype) -> nn.Module:
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{type(model).__name__}: weights do not fit: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    return model.to(device=ctx.device, dtype=dtype)
+
+
+def upcast_lora(params) -> bool:
+    """The train-bf16 mode keeps trainable (LoRA) weights in fp32 under bf16 autocast. Returns whether any
+    parameter had to be cast."""
+    cast = False
+    for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast = True
+    return cast
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusmith
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_diffusmith(ctx: Context, mode: str) -> Runner:
+    from diffusmith.pipelines.qwen_image import QwenImagePipeline, QwenImageUnit_NoiseInitializer, cfg_combine
+    from diffusmith.schedulers.flow_match import TimestepSampling
+    from diffusmith.training.module import LossSpec, TrainableSpec, TrainingModule
+    from diffusmith.training.optim import make_optimizer
+
+    training, dtype, use_gc = MODES[mode]
+    size, inp = ctx.size, ctx.inputs
+    pipe = QwenImagePipeline(device=ctx.device, torch_dtype=dtype)
+    pipe.dit = load_weights(diffusmith_dit(size), ctx.state_dict, ctx, dtype)
+    emb, mask = ctx.cast(inp.emb, dtype), ctx.cast(inp.mask, dtype)
+
+    if training:
+        module = TrainingModule(pipe, TrainableSpec(rank=size.rank, targets=LORA_TARGETS),
+                                LossSpec(sampling=TimestepSampling(), use_gradient_checkpointing=use_gc))
+        skipped = [n.rsplit(".", 1)[-1] for n in getattr(pipe.dit, "modules_without_gradient", list)()]
+        notes = [f"LoRA skips the last block's {'/'.join(skipped)} (no gradient reaches them)"] if skipped else []
+        if upcast_lora(module.trainable_parameters().values()):
+            notes.append("LoRA upcast to fp32 by the benchmark (TrainingModule leaves it in the pipeline dtype)")
+        optimizer = make_optimizer(module.trainable_parameters().values(), LR)
+        x0 = ctx.cast(inp.x0, dtype)
+        noise_unit = QwenImageUnit_NoiseInitializer()  # what the trainer's units give each step: fresh noise
+
+        def train_step() -> None:
+            with ctx.autocast(dtype):
+                shared = {"input_latents": x0, **noise_unit.process(pipe, height=size.pixels, width=size.pixels,
+                                                                      seed=None, batch_size=size.batch)}
+                loss = module.loss_from_inputs(shared, {"prompt_emb": emb, "prompt_emb_mask": mask})
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return Runner(train_step, pipe.dit, optimizer, notes)
+
+    pipe.dit.eval()
+    neg = ctx.cast(inp.neg, dtype)
+    pipe.scheduler.set_timesteps(1000, image_seq_len=size.image_tokens, device=ctx.device)
+    state = {"latents": ctx.cast(inp.noise, dtype), "i": 0}
+
+    @torch.no_grad()
+    def infer_step() -> None:  # the body of QwenImagePipeline.__call__'s loop
+        i, latents = state["i"], state["latents"]
+        timestep = pipe.scheduler.timesteps[i]
+        velocity = pipe.model_fn(pipe.dit, latents=latents, timestep=timestep, prompt_emb=emb, prompt_emb_mask=mask)
+        velocity_neg = pipe.model_fn(pipe.dit, latents=latents, timestep=timestep, prompt_emb=neg,
+                                     prompt_emb_mask=mask)
+        velocity = cfg_combine(velocity, velocity_neg, CFG_SCALE)
+        state["latents"] = pipe.scheduler.step(velocity, i, latents)
+        state["i"] = i + 1
+
+    return Runner(infer_step, pipe.dit)
+
+
+def forward_diffusmith(ctx: Context, model: nn.Module, x_t, timestep, emb, mask) -> torch.Tensor:
+    from diffusmith.pipelines.qwen_image import model_fn_qwen_image
+
+    return model_fn_qwen_image(model, latents=x_t, timestep=timestep, prompt_emb=emb, prompt_emb_mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _diffusers_pipeline_class():
+    try:
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
+    except ImportError:  # the same reshapes are done locally then
+        logger.warning("diffusers' QwenImagePipeline does not import; packing latents with a local copy")
+        return None
+    return QwenImagePipeline
+
+
+def _pack(latents: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``QwenImagePipeline._pack_latents`` on (B, C, H, W)."""
+    b, c, h, w = latents.shape
+    pipeline = _diffusers_pipeline_class()
+    if pipeline is not None:
+        return pipeline._pack_latents(latents, b, c, h, w)
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _unpack(tokens: torch.Tensor, pixels: int) -> torch.Tensor:
+    """diffusers' ``QwenImagePipeline._unpack_latents``: (B, L, 64) -> (B, 16, 1, H, W)."""
+    pipeline = _diffusers_pipeline_class()
+    if pipeline is not None:
+        return pipeline._unpack_latents(tokens, pixels, pixels, 8)
+    b, n, c = tokens.shape
+    h = w = pixels // 8
+    x = tokens.view(b, h // 2, w // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c // 4, 1, h, w)
+
+
+def build_diffusers(ctx: Context, mode: str) -> Runner:
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    training, dtype, use_gc = MODES[mode]
+    size, inp = ctx.size, ctx.inputs
+    transformer = load_weights(diffusers_transformer(size), ctx.state_dict, ctx, dtype)
+    transformer.requires_grad_(False)
+    emb, mask = ctx.cast(inp.emb, dtype), ctx.cast(inp.mask, dtype)
+    grid = size.latent // 2
+
+    if training:
+        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+        from peft import LoraConfig
+
+        # as train_dreambooth_lora_qwen_image.py: weights in weight_dtype, checkpointing, then the adapter
+        if use_gc:
+            transformer.enable_gradient_checkpointing()
+        transformer.add_adapter(LoraConfig(r=size.rank, lora_alpha=size.rank, init_lora_weights="gaussian",
+                                           target_modules=list(LORA_TARGETS)))
+        transformer.train()
+        params = [p for p in transformer.parameters() if p.requires_grad]
+        notes = []
+        if upcast_lora(params):  # the script's cast_training_params, which it applies for fp16 only
+            notes.append("LoRA upcast to fp32 by the benchmark (the script keeps it bf16 under bf16)")
+        optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+        scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
+        model_input = ctx.cast(inp.x0, dtype)[:, :, None]  # (B, C, 1, H, W): the script's video-shaped latents
+        img_shapes = [(1, grid, grid)] * size.batch
+
+        def get_sigmas(timesteps: torch.Tensor, n_dim: int, dtype_: torch.dtype) -> torch.Tensor:
+            sigmas = scheduler.sigmas.to(device=ctx.device, dtype=dtype_)
+            schedule_timesteps = scheduler.timesteps.to(ctx.device)
+            step_indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps.to(ctx.device)]
+            sigma = sigmas[step_indices].flatten()
+            while len(sigma.shape) < n_dim:
+                sigma = sigma.unsqueeze(-1)
+            return sigma
+
+        def train_step() -> None:
+            with ctx.autocast(dtype):
+                noise = torch.randn_like(model_input)
+                bsz = model_input.shape[0]
+                u = compute_density_for_timestep_sampling(weighting_scheme="none", batch_size=bsz, logit_mean=0.0,
+                                                          logit_std=1.0, mode_scale=1.29)
+                indices = (u * scheduler.config.num_train_timesteps).long()
+                timesteps = scheduler.timesteps[indices].to(device=model_input.device)
+                sigmas = get_sigmas(timesteps, n_dim=model_input.ndim, dtype_=model_input.dtype)
+                noisy = (1.0 - sigmas) * model_input + sigmas * noise
+                noisy = noisy.permute(0, 2, 1, 3, 4)
+                packed = _pack(noisy[:, 0])
+                pred = transformer(hidden_states=packed, encoder_hidden_states=emb, encoder_hidden_states_mask=mask,
+                                   timestep=timesteps / 1000, img_shapes=img_shapes, return_dict=False)[0]
+                pred = _unpack(pred, size.pixels)
+                weighting = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas)
+                target = noise - model_input
+                loss = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1), 1)
+                loss = loss.mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        return Runner(train_step, transformer, optimizer, notes)
+
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    transformer.eval()
+    neg = ctx.cast(inp.neg, dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    n = 1000
+    mu = calculate_shift(size.image_tokens, 256, 8192, 0.5, 0.9)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), device=ctx.device, mu=mu)
+    img_shapes = [[(1, grid, grid)]] * size.batch
+    state = {"latents": _pack(ctx.cast(inp.noise, dtype)), "i": 0}
+    has_cache_context = hasattr(transformer, "cache_context")
+
+    def cache_context(name: str):
+        return transformer.cache_context(name) if has_cache_context else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def infer_step() -> None:  # the body of QwenImagePipeline.__call__'s loop (true CFG)
+        latents = state["latents"]
+        t = scheduler.timesteps[state["i"]]
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        with cache_context("cond"):
+            noise_pred = transformer(hidden_states=latents, timestep=timestep / 1000, guidance=None,
+                                     encoder_hidden_states_mask=mask, encoder_hidden_states=emb,
+                                     img_shapes=img_shapes, attention_kwargs=None, return_dict=False)[0]
+        with cache_context("uncond"):
+            neg_noise_pred = transformer(hidden_states=latents, timestep=timestep / 1000, guidance=None,
+                                         encoder_hidden_states_mask=mask, encoder_hidden_states=neg,
+                                         img_shapes=img_shapes, attention_kwargs=None, return_dict=False)[0]
+        comb_pred = neg_noise_pred + CFG_SCALE * (noise_pred - neg_noise_pred)
+        cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
+        noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)
+        noise_pred = comb_pred * (cond_norm / noise_norm)
+        state["latents"] = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        state["i"] += 1
+
+    return Runner(infer_step, transformer)
+
+
+def forward_diffusers(ctx: Context, model: nn.Module, x_t, timestep, emb, mask) -> torch.Tensor:
+    grid = ctx.size.latent // 2
+    out = model(hidden_states=_pack(x_t), encoder_hidden_states=emb, encoder_hidden_states_mask=mask,
+                timestep=timestep.expand(x_t.shape[0]).to(x_t.dtype) / 1000,
+                img_shapes=[[(1, grid, grid)]] * x_t.shape[0], return_dict=False)[0]
+    return _unpack(out, ctx.size.pixels)[:, :, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffsynth
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _trim(ctx: Context, emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffsynth's prompt unit returns only the real tokens (its DiT call takes no attention mask)."""
+    valid = ctx.size.text_valid
+    return emb[:, :valid], mask[:, :valid]
+
+
+def build_diffsynth(ctx: Context, mode: str) -> Runner:
+    ds = common.import_diffsynth()
+    training, dtype, use_gc = MODES[mode]
+    size, inp = ctx.size, ctx.inputs
+    dit = load_weights(diffsynth_dit(ds, size), ctx.state_dict, ctx, dtype)
+    pipe = ds.QwenImagePipeline(device=ctx.device, torch_dtype=dtype)
+    pipe.dit = dit
+    emb, mask = _trim(ctx, ctx.cast(inp.emb, dtype), ctx.cast(inp.mask, dtype))
+    notes = ["sigmoid-GELU MLP; text trimmed to its real tokens, no attention mask (its prompt unit's output)"]
+
+    if training:
+        # as its train.py: scheduler in training mode, everything frozen, LoRA cast to the pipeline dtype
+        pipe.scheduler.set_timesteps(1000, training=True)
+        pipe.freeze_except([])
+        pipe.dit = ds.DiffusionTrainingModule().add_lora_to_model(pipe.dit, target_modules=list(LORA_TARGETS),
+                                                                  lora_rank=size.rank, upcast_dtype=dtype)
+        pipe.dit.train()
+        params = [p for p in pipe.dit.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=1e-2)
+        x0 = ctx.cast(inp.x0, dtype)
+        if dtype != torch.float32:
+            notes.append("LoRA weights in bf16 and no autocast (its trainer casts trainable weights to the "
+                         "pipeline dtype)")
+
+        def train_step() -> None:
+            inputs = {"input_latents": x0, "prompt_emb": emb, "prompt_emb_mask": mask, "height": size.pixels,
+                      "width": size.pixels, "use_gradient_checkpointing": use_gc,
+                      "use_gradient_checkpointing_offload": False}
+            loss = ds.FlowMatchSFTLoss(pipe, **inputs)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        return Runner(train_step, pipe.dit, optimizer, notes)
+
+    pipe.dit.eval()
+    neg, neg_mask = _trim(ctx, ctx.cast(inp.neg, dtype), ctx.cast(inp.mask, dtype))
+    pipe.scheduler.set_timesteps(1000, denoising_strength=1.0, dynamic_shift_len=size.image_tokens)
+    shared = {"latents": ctx.cast(inp.noise, dtype), "height": size.pixels, "width": size.pixels}
+    posi = {"prompt_emb": emb, "prompt_emb_mask": mask}
+    nega = {"prompt_emb": neg, "prompt_emb_mask": neg_mask}
+    state = {"i": 0}
+
+    @torch.no_grad()
+    def infer_step() -> None:  # the body of its QwenImagePipeline.__call__'s loop
+        i = state["i"]
+        timestep = pipe.scheduler.timesteps[i].unsqueeze(0).to(dtype=pipe.torch_dtype, device=pipe.device)
+        noise_pred = pipe.cfg_guided_model_fn(pipe.model_fn, CFG_SCALE, shared, posi, nega, dit=pipe.dit,
+                                              blockwise_controlnet=None, timestep=timestep, progress_id=i)
+        shared["latents"] = pipe.step(pipe.scheduler, progress_id=i, noise_pred=noise_pred, **shared)
+        state["i"] = i + 1
+
+    return Runner(infer_step, pipe.dit, notes=notes)
+
+
+def forward_diffsynth(ctx: Context, model: nn.Module, x_t, timestep, emb, mask) -> torch.Tensor:
+    ds = common.import_diffsynth()
+    emb, mask = _trim(ctx, emb, mask)
+    return ds.model_fn_qwen_image(dit=model, latents=x_t, timestep=timestep.reshape(1), prompt_emb=emb,
+                                  prompt_emb_mask=mask, height=ctx.size.pixels, width=ctx.size.pixels)
+
+
+BUILDERS = {"diffusmith": build_diffusmith, "diffusers": build_diffusers, "diffsynth": build_diffsynth}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Agreement check
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def check_agreement(ctx: Context, impls: list[str]) -> list[str]:
+    """Velocity of the three model calls on the same weights and inputs, fp32. Returns report lines."""
+    size, inp = ctx.size, ctx.inputs
+    f32 = torch.float32
+    x_t = ctx.cast(0.5 * inp.x0 + 0.5 * inp.noise, f32)
+    timestep = torch.tensor(500.0, device=ctx.device)
+    emb, mask = ctx.cast(inp.emb, f32), ctx.cast(inp.mask, f32)
+    outs: dict[str, torch.Tensor] = {}
+    lines = []
+    models = {}
+    for name in impls:
+        try:
+            if name == "diffusmith":
+                models[name] = load_weights(diffusmith_dit(size), ctx.state_dict, ctx, f32).eval()
+                outs[name] = forward_diffusmith(ctx, models[name], x_t, timestep, emb, mask)
+            elif name == "diffusers":
+                models[name] = load_weights(diffusers_transformer(size), ctx.state_dict, ctx, f32).eval()
+                outs[name] = forward_diffusers(ctx, models[name], x_t, timestep, emb, mask)
+            else:
+                ds = common.import_diffsynth()
+                models[name] = load_weights(diffsynth_dit(ds, size), ctx.state_dict, ctx, f32).eval()
+                outs[name] = forward_diffsynth(ctx, models[name], x_t, timestep, emb, mask)
+        except Exception as e:  # reported, and that implementation is then skipped
+            lines.append(f"{name}: forward failed: {type(e).__name__}: {e}")
+            logger.error("%s forward failed:\n%s", name, traceback.format_exc())
+    ref = outs.get("diffusers")
+    if ref is None:
+        return lines
+    scale = ref.abs().max().item()
+    lines.append(f"output max |v| = {scale:.3g} (diffusers)")
+    for name, out in outs.items():
+        if name != "diffusers":
+            lines.append(f"max |{name} - diffusers| = {(out - ref).abs().max().item():.2e}")
+    if "diffsynth" in models:
+        # Its MLP uses x * sigmoid(1.702 x) where the reference has tanh-GELU; with tanh-GELU swapped in, the
+        # rest of the computation should agree to fp32 rounding.
+        ds = common.import_diffsynth()
+        original = ds.ApproximateGELU.forward
+        ds.ApproximateGELU.forward = lambda self, x: torch.nn.functional.gelu(self.proj(x), approximate="tanh")
+        try:
+            out = forward_diffsynth(ctx, models["diffsynth"], x_t, timestep, emb, mask)
+            lines.append(f"max |diffsynth (tanh-GELU swapped in) - diffusers| = {(out - ref).abs().max().item():.2e}")
+        finally:
+            ds.ApproximateGELU.forward = original
+    del models
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------------------
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    common.malloc_trim()
+
+
+def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, mem_rounds: int) -> dict:
+    runners: dict[str, Runner] = {}
+    results: dict[str, dict] = {}
+    for name in impls:
+        try:
+            torch.manual_seed(0)
+            runners[name] = BUILDERS[name](ctx, mode)
+        except Exception as e:
+            logger.error("%s %s: setup failed:\n%s", name, mode, traceback.format_exc())
+            results[name] = {"error": f"setup: {type(e).__name__}: {e}"}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    last: dict[str, float] = {}
+    for r in range(warmup + runs):
+        order = list(runners)
+        order = order[r % len(order):] + order[:r % len(order)] if order else order
+        for name in order:
+            if name not in runners:
+                continue
+            try:
+                seconds = common.time_call(runners[name].step, ctx.device)
+            except Exception as e:
+                logger.error("%s %s: step failed:\n%s", name, mode, traceback.format_exc())
+                results[name] = {"error": f"step: {type(e).__name__}: {e}"}
+                del runners[name]
+                continue
+            last[name] = seconds
+            if r >= warmup:
+                times[name].append(seconds)
+        logger.info("  %s round %d/%d%s: %s", mode, r + 1, warmup + runs, " (warm-up)" if r < warmup else "",
+                    ", ".join(f"{n} {last[n]:.3f}s" for n in runners if n in last))
+    for name, runner in runners.items():
+        delta = 0
+        for _ in range(mem_rounds):
+            free(ctx.device)
+            with common.PeakMemory(ctx.device) as peak:
+                runner.step()
+            delta = max(delta, peak.delta)
+        saved = None
+        training, _, use_gc = MODES[mode]
+        if training and not use_gc:  # exact, and blind to other load: what autograd keeps for backward
+            with common.SavedTensors(runner.model) as hook:
+                runner.step()
+            saved = hook.bytes / common.MB
+        resident, grads = runner.resident_bytes(), runner.grad_bytes()
+        results[name] = {
+            "step_s": common.median(times[name]),
+            "step_s_min": min(times[name], default=float("nan")),
+            "peak_mb": (resident + delta) / common.MB,
+            "activation_mb": (delta - grads) / common.MB,
+            "resident_mb": resident / common.MB,
+            "grad_mb": grads / common.MB,
+            "saved_for_backward_mb": saved,
+            "step_s_all": [round(t, 5) for t in times[name]],
+            "lora": runner.lora_summary(),
+            "notes": runner.notes,
+        }
+    runners.clear()
+    free(ctx.device)
+    return results
+
+
+def make_inputs(size: Size, seed: int = 1) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+    b, h = size.batch, size.latent
+    mask = torch.zeros(b, size.text_len, dtype=torch.long)
+    mask[:, : size.text_valid] = 1
+    return Inputs(
+        x0=torch.randn(b, 16, h, h, generator=g),
+        emb=torch.randn(b, size.text_len, size.joint_dim, generator=g),
+        neg=torch.randn(b, size.text_len, size.joint_dim, generator=g),
+        mask=mask,
+        noise=torch.randn(b, 16, h, h, generator=g),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}g}" if digits else f"{value:.0f}"
+
+
+def _ratio(ours, peers: list) -> str:
+    peers = [p for p in peers if p is not None and math.isfinite(p) and p > 0]
+    if ours is None or not peers or not math.isfinite(ours):
+        return "-"
+    return f"{ours / min(peers):.2f}"
+
+
+def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, modes: list[str],
+             impls: list[str]) -> str:
+    device = "GPU" if args.device == "cuda" else "CPU"
+    machine = info.get("gpu", "") + ("; host " if "gpu" in info else "") + info["cpu"]
+    lines = [
+        f"## {device}: {machine}",
+        "",
+        f"{info['date']}; torch {info['torch']}, diffusers {info['diffusers']}, diffsynth {info['diffsynth']}, "
+        f"transformers {info['transformers']}, peft {info['peft']}, Python {info['python']}; load average "
+        f"{info['load']} at the start, {common.load_average()} at the end.",
+        f"Command: `python benchmarks/run.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
+        "",
+        f"Model: random Qwen-Image DiT, {size.describe()}. Same weights and inputs in all three; "
+        f"median of {args.runs} steps after {args.warmup} warm-up, implementations alternated step by step in "
+        "one process. LoRA targets (all three): " + ", ".join(LORA_TARGETS) + ".",
+        "",
+        "Forward agreement (fp32, same weights, before timing): " + "; ".join(agreement) + ".",
+        "",
+        "| mode | " + " | ".join(f"{n} s/step" for n in impls) + " | ours / best peer (time) | "
+        + " | ".join(f"{n} peak MB" for n in impls) + " | ours / best peer (memory) |",
+        "|" + "---|" * (2 * len(impls) + 3),
+    ]
+    for mode in modes:
+        row = results_by_mode(results, mode, impls)
+        peers = [n for n in impls if n != "diffusmith"]
+        t_ratio = _ratio(row["diffusmith"]["step_s"], [row[n]["step_s"] for n in peers]) if "diffusmith" in row \
+            else "-"
+        m_ratio = _ratio(row["diffusmith"]["peak_mb"], [row[n]["peak_mb"] for n in peers]) if "diffusmith" in row \
+            else "-"
+        lines.append(f"| {mode} | " + " | ".join(_fmt(row[n]["step_s"]) for n in impls) + f" | {t_ratio} | "
+                     + " | ".join(_fmt(row[n]["peak_mb"], 0) for n in impls) + f" | {m_ratio} |")
+    lines += ["", "Fastest step (s; less sensitive than the median to other load on a shared machine):", "",
+              "| mode | " + " | ".join(impls) + " | ours / best peer |", "|" + "---|" * (len(impls) + 2)]
+    for mode in modes:
+        fastest = {n: results.get(n, {}).get(mode, {}).get("step_s_min") for n in impls}
+        ratio = _ratio(fastest.get("diffusmith"), [fastest[n] for n in impls if n != "diffusmith"]) \
+            if "diffusmith" in fastest else "-"
+        lines.append(f"| {mode} | " + " | ".join(_fmt(fastest[n]) for n in impls) + f" | {ratio} |")
+    errors = [f"{n} {m}: {results[n][m]['error']}" for n in impls for m in modes
+              if "error" in results.get(n, {}).get(m, {})]
+    if errors:
+        lines += ["", "Failures: " + "; ".join(errors)]
+
+    pairs = [(a, b) for a, b in (("train-bf16", "train-bf16-gc"), ("train-fp32", "train-fp32-gc"))
+             if a in modes and b in modes]
+    if pairs:
+        lines += ["", "Gradient checkpointing: activation memory = peak - (weights + gradients + optimizer state); "
+                  "target for diffusmith: activations with checkpointing <= 0.5x of without, at <= 1.25x the time.",
+                  "", "| impl | modes | activation MB (no gc -> gc) | gc / no gc (activation) | gc / no gc (time) |",
+                  "|---|---|---|---|---|"]
+        for a, b in pairs:
+            for n in impls:
+                ra, rb = results.get(n, {}).get(a, {}), results.get(n, {}).get(b, {})
+                if "activation_mb" not in ra or "activation_mb" not in rb:
+                    continue
+                act = rb["activation_mb"] / ra["activation_mb"] if ra["activation_mb"] > 0 else float("nan")
+                tim = rb["step_s"] / ra["step_s"]
+                lines.append(f"| {n} | {a} -> {b} | {ra['activation_mb']:.0f} -> {rb['activation_mb']:.0f} | "
+                             f"{act:.2f} | {tim:.2f} |")
+
+    saved_rows = [(m, {n: results.get(n, {}).get(m, {}).get("saved_for_backward_mb") for n in impls})
+                  for m in modes if not MODES[m][2] and MODES[m][0]]
+    if saved_rows:
+        lines += ["", "Tensors saved for backward in one training step, MB (exact: autograd's saved tensors minus the "
+                  "weights; unaffected by other load):", "",
+                  "| mode | " + " | ".join(impls) + " | ours / best peer |", "|" + "---|" * (len(impls) + 2)]
+        for m, row in saved_rows:
+            ratio = _ratio(row.get("diffusmith"), [row[n] for n in impls if n != "diffusmith"]) \
+                if "diffusmith" in row else "-"
+            lines.append(f"| {m} | " + " | ".join(_fmt(row[n], 0) for n in impls) + f" | {ratio} |")
+
+    lines += ["", "Trainable parameters (LoRA) per implementation: " + "; ".join(
+        f"{n}: {results[n][m]['lora']}" for n in impls for m in modes[:1] if "lora" in results.get(n, {}).get(m, {}))
+        + ". Per implementation: " + "; ".join(
+        f"{n}: {', '.join(sorted({note for m in modes for note in results.get(n, {}).get(m, {}).get('notes', [])}))}"
+        for n in impls if any(results.get(n, {}).get(m, {}).get("notes") for m in modes)) + "."]
+    if args.device == "cpu":
+        lines += ["", "CPU timings mean something only on an otherwise idle machine: compare the load averages above "
+                  "with the CPU count."]
+    mem_note = ("exact (CUDA allocator)" if args.device == "cuda" else
+                "process RSS sampled every 1 ms (glibc mmap threshold pinned at 64 KiB so freed tensors leave RSS), "
+                "a lower bound")
+    lines += ["", "How to read: `s/step` is a training step (loss + backward + AdamW + zero_grad) or, for infer-*, one "
+              "denoising step with true CFG (2 DiT calls + combine + Euler step). `peak MB` = this implementation's "
+              "weights + optimizer state (counted exactly) + the peak memory above that level during one step "
+              f"({mem_note}). Ratios < 1 favour diffusmith. Targets: train-bf16 time <= 0.8x and memory <= 0.9x of "
+              "the best peer; inference <= 0.9x diffusers. diffsynth always gets its text without padding (its "
+              "prompt unit's output), so it attends over fewer tokens and without a mask."]
+    return "\n".join(lines)
+
+
+def results_by_mode(results: dict, mode: str, impls: list[str]) -> dict:
+    out = {}
+    for name in impls:
+        r = results.get(name, {}).get(mode, {})
+        out[name] = {"step_s": r.get("step_s"), "peak_mb": r.get("peak_mb")}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--mem-rounds", type=int, default=1, help="extra steps per implementation for memory")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    parser.add_argument("--results", default=str(common.REPO_ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--no-results", action="store_true", help="do not write the markdown file")
+    parser.add_argument("--small", action="store_true", help="a smoke-test size (2 layers, 256 px)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("diffusmith").setLevel(logging.WARNING)
+    with contextlib.suppress(ImportError):
+        import diffusers
+
+        diffusers.utils.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 modes stay fp32 in all three
+        torch.backends.cudnn.allow_tf32 = False
+
+    size = SMALL if args.small else MID
+    info = common.machine_info(device)
+    logger.info("machine: %s", info)
+    logger.info("model: %s", size.describe())
+
+    torch.manual_seed(0)
+    reference = diffusers_transformer(size)
+    state_dict = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    del reference
+    ctx = Context(size, device, state_dict, make_inputs(size))
+
+    agreement = check_agreement(ctx, args.impls)
+    for line in agreement:
+        logger.info("agreement: %s", line)
+    free(device)
+
+    results: dict[str, dict] = {name: {} for name in args.impls}
+    for mode in args.modes:
+        logger.info("mode %s", mode)
+        for name, r in run_mode(ctx, mode, args.impls, args.runs, args.warmup, args.mem_rounds).items():
+            results[name][mode] = r
+            if "error" not in r:
+                logger.info("  %-10s %-14s %.4f s/step  peak %.0f MB  activations %.0f MB", name, mode, r["step_s"],
+                            r["peak_mb"], r["activation_mb"])
+
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    report = markdown(results, size, info, agreement, args, args.modes, args.impls)
+    if not args.no_results:
+        common.replace_section(args.results, f"run.py:{args.device}", report)
+    logger.info("\n%s", report)
+    return 0
+
+
+if __name__ == "__main__":
+    _pre = argparse.ArgumentParser(add_help=False)
+    _pre.add_argument("--device", default=None)
+    _device = _pre.parse_known_args()[0].device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if _device == "cpu":
+        common.ensure_malloc_env()  # re-executes this script once with a fixed glibc mmap threshold
+    sys.exit(main())
