@@ -16,7 +16,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   python3 -c "import importlib.metadata as m; print({p: m.version(p) for p in ('torch', 'diffusers', 'diffsynth', 'transformers', 'peft', 'einops')})"; } 2>&1 | tee -a "$LOG"
 
 # 0. the checks that need a GPU (real device placement, bf16 on CUDA, block swap, CUDA RNG in checkpoints)
-timeout 80 python3 -m pytest -q -x -m gpu tests/test_gpu.py tests/test_memory.py tests/test_checkpoint.py \
+timeout 80 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_memory.py tests/test_checkpoint.py \
   -p no:cacheprovider 2>&1 | tee -a "$LOG"
 
 # 1. side by side (mid-size model, all modes, 3 implementations): about a minute

@@ -446,3 +446,26 @@ def test_cuda_train_runs_with_block_swap(tiny_qwen, tmp_path, modes):
     train(config(tiny_qwen[0], data, out, max_steps=2, device="cuda", **modes))
     assert (out / "lora.safetensors").exists()
     assert all(torch.isfinite(torch.tensor(losses(out))))
+
+
+def test_block_swap_keeps_a_recomputed_block_until_the_previous_one_is_recomputed():
+    # with checkpointing, backward holds a recomputed block's weights by reference: releasing them right
+    # after the recompute would hand backward (and checkpointing's device check) the host copies
+    model = lora_dit()
+    swap = enable_block_swap(model, "cpu", 0)
+    released = []
+    original = BlockSwap._release
+
+    def spy(self, block):
+        released.append((block.index, memory._in_backward()))
+        return original(self, block)
+
+    BlockSwap._release = spy
+    try:
+        loss_and_grads(model, True)
+    finally:
+        BlockSwap._release = original
+    forward = [i for i, _ in released[:3]]
+    assert forward == [0, 1, 2]  # the forward releases each block right after it
+    assert [b.index for b in swap._held] == [0]  # the last recomputed block waits for the next forward
+    assert [i for i, _ in released[3:]] == [2, 1]  # recomputed 2 is released when 1 is recomputed, and so on

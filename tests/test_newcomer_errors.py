@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 
-import pytest
 from test_training import make_dataset
 
 from diffusmith.cli import main

@@ -113,6 +113,7 @@ class BlockSwap:
         self._pending: dict[int, tuple[list[torch.Tensor], Any]] = {}
         self._live: dict[tuple[str, int], torch.Tensor] = {}  # (device, storage address of a copy) -> host
         self._contexts: list[Any] = []
+        self._held: list[_SwappedBlock] = []  # recomputed blocks whose backward may still read their weights
         self.blocks: dict[int, _SwappedBlock] = {}
 
         pin = self.device.type == "cuda"
@@ -174,6 +175,7 @@ class BlockSwap:
         self.stats["prefetches"] += 1
 
     def _before_block(self, block: _SwappedBlock, module: nn.Module, args: Any) -> None:
+        self._release_held()
         pending = self._pending.pop(block.index, None)
         if pending is None:
             copies, _ = self._copy(block, None)
@@ -194,6 +196,20 @@ class BlockSwap:
         self._prefetch(block.index + (-1 if _in_backward() else 1))
 
     def _after_block(self, block: _SwappedBlock, module: nn.Module, args: Any, output: Any) -> None:
+        if _in_backward():
+            # a checkpointed block recomputed in backward: autograd holds its weights by reference for the
+            # block's backward (and checkpointing checks their device), so the copy stays until the
+            # previous block is recomputed, i.e. until this block's backward is over
+            self._held.append(block)
+            return
+        self._release(block)
+
+    def _release_held(self) -> None:
+        for held in self._held:
+            self._release(held)
+        self._held = []
+
+    def _release(self, block: _SwappedBlock) -> None:
         for c in block.copies or ():
             if c.numel():
                 self._live.pop((str(c.device), c.untyped_storage().data_ptr()), None)
@@ -203,6 +219,7 @@ class BlockSwap:
 
     # ---- tensors autograd saves for backward -------------------------------------------------------
     def _enter_model(self, module: nn.Module, args: Any) -> None:
+        self._release_held()  # the last block recomputed by the previous backward
         hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         hooks.__enter__()
         self._contexts.append(hooks)

@@ -138,8 +138,12 @@ class _StopFlag:
 
 def build_accelerator(config: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     device = resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # accelerate keeps one state per process; a second run in the same process (a notebook, the tests)
+    # may ask for another precision
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
 
 
