@@ -170,6 +170,11 @@ def run(args) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    if args.compile:
+        from diffusmith.core.memory import compile_repeated_blocks
+
+        compile_repeated_blocks(dit)
+        result["compile"] = True
     swap = None
     if args.block_swap is not None:
         try:
@@ -201,6 +206,16 @@ def run(args) -> dict:
         if i >= args.warmup:
             times.append(seconds)
     peak = torch.cuda.max_memory_allocated() if cuda else float("nan")  # CPU: a smoke test, no memory
+    if args.profile:  # where the time goes: the top kernels/ops of two more steps
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            step()
+            step()
+            common.synchronize(device)
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=args.profile), flush=True)
     step_s = common.median(times)
     result.update({
         "step_s": step_s,
@@ -233,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-dtype", choices=["fp32", "as-is"], default="fp32")
     parser.add_argument("--no-gc", action="store_true", help="train without gradient checkpointing")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if unknown")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (--compile)")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after timing, profile two steps and print the top ROWS ops")
     parser.add_argument("--json", default=None)
     parser.add_argument("--results", default=None, help="a markdown file to write this run's section into")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with --layers 1")
