@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test lint install
+.PHONY: test lint install demo
 
 install: $(VENV)/.installed
 
@@ -20,4 +20,9 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check diffusmith tests benchmarks
+	$(BIN)/ruff check diffusmith tests benchmarks scripts examples
+
+# make demo: the toy model (toy/qwen-image-toy) draws a few prompts, learns the colour purple from the pictures in
+# demo/concept/ with a LoRA, and draws them again: demo/before_after.png, demo/loss.png. CPU only, ~25 s.
+demo: install
+	$(BIN)/python scripts/demo.py

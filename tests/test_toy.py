@@ -8,6 +8,7 @@ prompt (a broken text path, a scrambled key, a LoRA that does nothing) fails, wh
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,14 @@ CONCEPT = ROOT / "demo" / "concept"
 STEPS = 10
 SEEDS = (0, 1)
 PURPLE = np.array([140.0, 50.0, 200.0])  # the concept's colour in demo/concept (scripts/toy/shapes.py)
+
+
+def load_demo():
+    """scripts/demo.py, whose LoRA recipe the last test runs."""
+    spec = importlib.util.spec_from_file_location("diffusmith_demo_script", ROOT / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +70,8 @@ def test_the_toy_is_small_and_in_the_official_layout():
     for needed in ("model_index.json", "scheduler/scheduler_config.json", "transformer/config.json",
                    "transformer/diffusion_pytorch_model.safetensors", "vae/config.json",
                    "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
-                   "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"):
+                   "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                   "tokenizer/tokenizer_config.json"):
         assert needed in files
     assert sum((TOY / f).stat().st_size for f in files) <= 20e6
 
@@ -74,16 +84,17 @@ def test_the_toy_loads_and_draws(toy):
 
 
 def test_prompts_control_colour(toy):
-    # measured on the committed toy (mean of seeds 0, 1): background blue-channel 214 vs 62, shape green 201 vs 44
+    # measured on the committed toy (seeds 0, 1): backgrounds (40, 80, 220) vs (40, 169, 61), shapes (207, 41, 55)
+    # vs (229, 210, 41)
     red_on_blue = draw(toy, "a red circle on a blue background, center, large")
     yellow_on_green = draw(toy, "a yellow circle on a green background, center, large")
     bg_a = np.mean([background(p) for p in red_on_blue], axis=0)
     bg_b = np.mean([background(p) for p in yellow_on_green], axis=0)
     shape_a = np.mean([shape_colour(p) for p in red_on_blue], axis=0)
     shape_b = np.mean([shape_colour(p) for p in yellow_on_green], axis=0)
-    assert bg_a[2] - bg_b[2] > 80  # blue background vs green background: blue channel
-    assert bg_b[1] - bg_a[1] > 40  # ... and green channel
-    assert shape_b[1] - shape_a[1] > 70  # yellow shape vs red shape: green channel
+    assert bg_a[2] - bg_b[2] > 80  # blue vs green background, blue channel (measured 159)
+    assert bg_b[1] - bg_a[1] > 45  # ... green channel (measured 89)
+    assert shape_b[1] - shape_a[1] > 80  # yellow vs red shape, green channel (measured 169)
 
 
 def test_prompts_control_position(toy):
@@ -91,39 +102,43 @@ def test_prompts_control_position(toy):
     right = [centroid(p) for p in draw(toy, "a white square on a black background, right, large")]
     top = [centroid(p) for p in draw(toy, "a white square on a black background, top, large")]
     bottom = [centroid(p) for p in draw(toy, "a white square on a black background, bottom, large")]
-    # the shapes are drawn centred at x (or y) = 16 / 48: 32 pixels apart
+    # the training pictures centre them at 16 and 48 (32 pixels apart); measured 33 and 32
     assert np.mean([c[0] for c in right]) - np.mean([c[0] for c in left]) > 16
     assert np.mean([c[1] for c in bottom]) - np.mean([c[1] for c in top]) > 16
 
 
 def test_prompts_control_shape(toy):
-    # fill of the bounding box: square 1, circle pi/4, triangle 1/2 (drawn); a toy that ignores the shape word
-    # draws the same thing for both
+    # how much of its bounding box the shape fills: square 1, circle pi/4, triangle 1/2 as drawn; the toy's blurry
+    # shapes measure 0.91, 0.81, 0.60. A toy that ignores the shape word draws the same fill for all three.
     def fill(picture: np.ndarray) -> float:
         ys, xs = np.nonzero(shape_mask(picture))
-        return len(xs) / ((xs.ptp() + 1) * (ys.ptp() + 1)) if len(xs) else 0.0
+        return len(xs) / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1)) if len(xs) else 0.0
 
-    square = [fill(p) for p in draw(toy, "a yellow square on a blue background, center, large")]
-    triangle = [fill(p) for p in draw(toy, "a yellow triangle on a blue background, center, large")]
-    assert np.mean(square) - np.mean(triangle) > 0.15
+    prompt = "a yellow {} on a blue background, center, large"
+    square, circle, triangle = (np.mean([fill(p) for p in draw(toy, prompt.format(s))])
+                                for s in ("square", "circle", "triangle"))
+    assert square - triangle > 0.15
+    assert circle - triangle > 0.1
 
 
 def test_the_demo_lora_teaches_purple(toy, tmp_path):
-    """A short LoRA run on demo/concept/ (what `make demo` does, fewer steps) moves the colour drawn for a purple
-    prompt toward the concept's purple; the toy itself never saw the word."""
+    """The demo's LoRA recipe (scripts/demo.py), 40 steps instead of 300, moves the colour drawn for a purple
+    prompt toward the concept's purple. The toy never saw the word: it draws (162, 162, 57), 183 away from
+    purple; after the short run (154, 58, 219), 25 away (measured): a move of 158, the margin is half of it."""
     from diffusmith.training.runner import TrainConfig, train
 
+    demo = load_demo()
     prompt = "a purple circle on a white background, center, large"
     before = np.mean([shape_colour(p) for p in draw(toy, prompt)], axis=0)
     lora = train(TrainConfig(model=str(TOY), dataset=str(CONCEPT), output=str(tmp_path / "run"), height=64,
-                             width=64, lora_rank=8, learning_rate=3e-3, batch_size=4, max_steps=40,
-                             warmup_steps=5, device="cpu", seed=0))
+                             width=64, lora_rank=demo.LORA_RANK, lora_targets=demo.LORA_TARGETS.split(","),
+                             learning_rate=demo.LORA_LEARNING_RATE, batch_size=4, max_steps=40, warmup_steps=5,
+                             device="cpu", seed=0))
     pipe = QwenImagePipeline.from_pretrained(TOY)
     pipe.load_lora(lora)
     after = np.mean([shape_colour(p) for p in draw(pipe, prompt)], axis=0)
-    distance_before = np.linalg.norm(before - PURPLE)
-    distance_after = np.linalg.norm(after - PURPLE)
-    assert distance_before - distance_after > 40, (before, after)
+    moved = np.linalg.norm(before - PURPLE) - np.linalg.norm(after - PURPLE)
+    assert moved > 80, (before, after)
 
 
 def test_diffusers_reads_the_toy_as_an_official_checkpoint(toy):
@@ -131,7 +146,7 @@ def test_diffusers_reads_the_toy_as_an_official_checkpoint(toy):
     it and draws the same picture (true CFG with the empty negative prompt, as diffusmith's default)."""
     from diffusers import QwenImagePipeline as ReferencePipeline
 
-    ref = ReferencePipeline.from_pretrained(TOY, torch_dtype=torch.float32)
+    ref = ReferencePipeline.from_pretrained(TOY, dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
     prompt = "a green triangle on a white background, top left, small"
     expected = ref(prompt=prompt, negative_prompt="", true_cfg_scale=4.0, height=64, width=64,
