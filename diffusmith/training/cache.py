@@ -161,7 +161,7 @@ def dataset_fingerprint(dataset) -> list[str]:
 
 # ---- writing -------------------------------------------------------------------------------------------
 def _check_storable(name: str, value: Any) -> None:
-    if isinstance(value, torch.Tensor) or isinstance(value, SCALARS):
+    if isinstance(value, (torch.Tensor, *SCALARS)):
         return
     raise DiffusmithError(f"cannot cache {name!r}: it is a {type(value).__name__}, not a tensor or a number; "
                           "train without --cache")
