@@ -12,6 +12,11 @@ alternated step by step. For each mode it reports seconds per step (median after
 
     python benchmarks/run.py [--device cpu|cuda] [--runs 10] [--warmup 3] [--json PATH] [--modes ...]
                              [--impls ...] [--results benchmarks/RESULTS.md] [--small]
+                             [--padded-text]
+
+Text: by default each implementation gets what its own prompt step returns for one prompt of ``text_valid``
+real tokens (diffusmith and diffusers: the real tokens, mask None; diffsynth: the real tokens and an all-ones
+mask); ``--padded-text`` gives diffusmith and diffusers ``text_len`` tokens with the padding masked.
 """
 
 from __future__ import annotations
@@ -88,12 +93,14 @@ class Size:
     def image_tokens(self) -> int:
         return (self.latent // 2) ** 2
 
-    def describe(self) -> str:
+    def describe(self, padded_text: bool = False) -> str:
+        text = (f"text {self.text_len} tokens ({self.text_valid} real + {self.text_len - self.text_valid} padding, "
+                "masked) for diffusmith and diffusers, the real ones only for diffsynth" if padded_text else
+                f"text {self.text_valid} real tokens, no padding")
         return (f"{self.layers} layers, {self.heads} heads x {self.head_dim} = width {self.width}, rope axes "
                 f"{self.axes}, joint_attention_dim {self.joint_dim}, in 64 / out 16; {self.pixels}x{self.pixels} "
-                f"(latents {self.latent}x{self.latent}, {self.image_tokens} image tokens), batch {self.batch}, text "
-                f"{self.text_len} tokens ({self.text_valid} real + {self.text_len - self.text_valid} padding, "
-                f"masked), LoRA rank {self.rank}")
+                f"(latents {self.latent}x{self.latent}, {self.image_tokens} image tokens), batch {self.batch}, "
+                f"{text}, LoRA rank {self.rank}")
 
 
 MID = Size(layers=4, heads=6, pixels=512, text_len=128, text_valid=100, rank=16)
@@ -144,6 +151,9 @@ class Context:
     device: torch.device
     state_dict: dict[str, torch.Tensor]
     inputs: Inputs
+    # False: each implementation gets what its own prompt step returns for one prompt (see ``prompt_inputs``);
+    # True: the old case, diffusmith and diffusers attend over padded text with a mask.
+    padded_text: bool = False
 
     def autocast(self, dtype: torch.dtype):
         if dtype == torch.float32:
@@ -152,6 +162,29 @@ class Context:
 
     def cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return t.to(device=self.device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    def prompt_inputs(self, impl: str, emb: torch.Tensor,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(prompt embeddings, mask or None)`` as ``impl``'s own prompt step gives them for one prompt of
+        ``size.text_valid`` real tokens.
+
+        - diffusmith: ``encode_prompt`` keeps the real tokens and returns mask None when all are real (always
+          at batch 1; tested in tests/test_text_encoder.py).
+        - diffusers: ``QwenImagePipeline.encode_prompt`` pads to the longest prompt of the batch (none at batch
+          1) and sets ``prompt_embeds_mask = None`` when the mask is all ones.
+        - diffsynth: its prompt unit keeps the real tokens and returns an all-ones mask, which its model call
+          reads only for the text length.
+
+        With ``padded_text`` diffusmith and diffusers get all ``size.text_len`` tokens and the padding mask.
+        """
+        valid = self.size.text_valid
+        mask = self.cast(self.inputs.mask, dtype)
+        emb = self.cast(emb, dtype)
+        if impl == "diffsynth":
+            return emb[:, :valid], mask[:, :valid]
+        if self.padded_text:
+            return emb, mask
+        return emb[:, :valid], None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,7 +266,7 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
     size, inp = ctx.size, ctx.inputs
     pipe = QwenImagePipeline(device=ctx.device, torch_dtype=dtype)
     pipe.dit = load_weights(diffusmith_dit(size), ctx.state_dict, ctx, dtype)
-    emb, mask = ctx.cast(inp.emb, dtype), ctx.cast(inp.mask, dtype)
+    emb, mask = ctx.prompt_inputs("diffusmith", inp.emb, dtype)
 
     if training:
         module = TrainingModule(pipe, TrainableSpec(rank=size.rank, targets=LORA_TARGETS),
@@ -258,7 +291,7 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
         return Runner(train_step, pipe.dit, optimizer, notes)
 
     pipe.dit.eval()
-    neg = ctx.cast(inp.neg, dtype)
+    neg, neg_mask = ctx.prompt_inputs("diffusmith", inp.neg, dtype)
     pipe.scheduler.set_timesteps(1000, image_seq_len=size.image_tokens, device=ctx.device)
     state = {"latents": ctx.cast(inp.noise, dtype), "i": 0}
 
@@ -268,7 +301,7 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
         timestep = pipe.scheduler.timesteps[i]
         velocity = pipe.model_fn(pipe.dit, latents=latents, timestep=timestep, prompt_emb=emb, prompt_emb_mask=mask)
         velocity_neg = pipe.model_fn(pipe.dit, latents=latents, timestep=timestep, prompt_emb=neg,
-                                     prompt_emb_mask=mask)
+                                     prompt_emb_mask=neg_mask)
         velocity = cfg_combine(velocity, velocity_neg, CFG_SCALE)
         state["latents"] = pipe.scheduler.step(velocity, i, latents)
         state["i"] = i + 1
@@ -326,7 +359,7 @@ def build_diffusers(ctx: Context, mode: str) -> Runner:
     size, inp = ctx.size, ctx.inputs
     transformer = load_weights(diffusers_transformer(size), ctx.state_dict, ctx, dtype)
     transformer.requires_grad_(False)
-    emb, mask = ctx.cast(inp.emb, dtype), ctx.cast(inp.mask, dtype)
+    emb, mask = ctx.prompt_inputs("diffusers", inp.emb, dtype)
     grid = size.latent // 2
 
     if training:
@@ -385,7 +418,7 @@ def build_diffusers(ctx: Context, mode: str) -> Runner:
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
     transformer.eval()
-    neg = ctx.cast(inp.neg, dtype)
+    neg, neg_mask = ctx.prompt_inputs("diffusers", inp.neg, dtype)
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     n = 1000
     mu = calculate_shift(size.image_tokens, 256, 8192, 0.5, 0.9)
@@ -408,7 +441,7 @@ def build_diffusers(ctx: Context, mode: str) -> Runner:
                                      img_shapes=img_shapes, attention_kwargs=None, return_dict=False)[0]
         with cache_context("uncond"):
             neg_noise_pred = transformer(hidden_states=latents, timestep=timestep / 1000, guidance=None,
-                                         encoder_hidden_states_mask=mask, encoder_hidden_states=neg,
+                                         encoder_hidden_states_mask=neg_mask, encoder_hidden_states=neg,
                                          img_shapes=img_shapes, attention_kwargs=None, return_dict=False)[0]
         comb_pred = neg_noise_pred + CFG_SCALE * (noise_pred - neg_noise_pred)
         cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
@@ -433,12 +466,6 @@ def forward_diffusers(ctx: Context, model: nn.Module, x_t, timestep, emb, mask) 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _trim(ctx: Context, emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """diffsynth's prompt unit returns only the real tokens (its DiT call takes no attention mask)."""
-    valid = ctx.size.text_valid
-    return emb[:, :valid], mask[:, :valid]
-
-
 def build_diffsynth(ctx: Context, mode: str) -> Runner:
     ds = common.import_diffsynth()
     training, dtype, use_gc = MODES[mode]
@@ -446,8 +473,8 @@ def build_diffsynth(ctx: Context, mode: str) -> Runner:
     dit = load_weights(diffsynth_dit(ds, size), ctx.state_dict, ctx, dtype)
     pipe = ds.QwenImagePipeline(device=ctx.device, torch_dtype=dtype)
     pipe.dit = dit
-    emb, mask = _trim(ctx, ctx.cast(inp.emb, dtype), ctx.cast(inp.mask, dtype))
-    notes = ["sigmoid-GELU MLP; text trimmed to its real tokens, no attention mask (its prompt unit's output)"]
+    emb, mask = ctx.prompt_inputs("diffsynth", inp.emb, dtype)
+    notes = ["sigmoid-GELU MLP; text: its real tokens, no attention mask (its prompt unit's output)"]
 
     if training:
         # as its train.py: scheduler in training mode, everything frozen, LoRA cast to the pipeline dtype
@@ -475,7 +502,7 @@ def build_diffsynth(ctx: Context, mode: str) -> Runner:
         return Runner(train_step, pipe.dit, optimizer, notes)
 
     pipe.dit.eval()
-    neg, neg_mask = _trim(ctx, ctx.cast(inp.neg, dtype), ctx.cast(inp.mask, dtype))
+    neg, neg_mask = ctx.prompt_inputs("diffsynth", inp.neg, dtype)
     pipe.scheduler.set_timesteps(1000, denoising_strength=1.0, dynamic_shift_len=size.image_tokens)
     shared = {"latents": ctx.cast(inp.noise, dtype), "height": size.pixels, "width": size.pixels}
     posi = {"prompt_emb": emb, "prompt_emb_mask": mask}
@@ -496,7 +523,6 @@ def build_diffsynth(ctx: Context, mode: str) -> Runner:
 
 def forward_diffsynth(ctx: Context, model: nn.Module, x_t, timestep, emb, mask) -> torch.Tensor:
     ds = common.import_diffsynth()
-    emb, mask = _trim(ctx, emb, mask)
     return ds.model_fn_qwen_image(dit=model, latents=x_t, timestep=timestep.reshape(1), prompt_emb=emb,
                                   prompt_emb_mask=mask, height=ctx.size.pixels, width=ctx.size.pixels)
 
@@ -511,27 +537,33 @@ BUILDERS = {"diffusmith": build_diffusmith, "diffusers": build_diffusers, "diffs
 
 @torch.no_grad()
 def check_agreement(ctx: Context, impls: list[str]) -> list[str]:
-    """Velocity of the three model calls on the same weights and inputs, fp32. Returns report lines."""
+    """Velocity of the three model calls on the same weights and inputs, fp32. Returns report lines.
+
+    Each implementation gets the text its own prompt step gives (``Context.prompt_inputs``); the padded and
+    masked text (all ``text_len`` tokens) is also run through diffusmith and diffusers and compared with
+    diffusers on the real tokens only, which checks that the masked padding changes nothing."""
     size, inp = ctx.size, ctx.inputs
     f32 = torch.float32
     x_t = ctx.cast(0.5 * inp.x0 + 0.5 * inp.noise, f32)
     timestep = torch.tensor(500.0, device=ctx.device)
-    emb, mask = ctx.cast(inp.emb, f32), ctx.cast(inp.mask, f32)
+    padded = ctx.cast(inp.emb, f32), ctx.cast(inp.mask, f32)
+    real_only = padded[0][:, :size.text_valid], None
+    builders = {"diffusmith": (lambda: diffusmith_dit(size), forward_diffusmith),
+                "diffusers": (lambda: diffusers_transformer(size), forward_diffusers),
+                "diffsynth": (lambda: diffsynth_dit(common.import_diffsynth(), size), forward_diffsynth)}
     outs: dict[str, torch.Tensor] = {}
+    padded_outs: dict[str, torch.Tensor] = {}
     lines = []
     models = {}
     for name in impls:
+        build, forward = builders[name]
         try:
-            if name == "diffusmith":
-                models[name] = load_weights(diffusmith_dit(size), ctx.state_dict, ctx, f32).eval()
-                outs[name] = forward_diffusmith(ctx, models[name], x_t, timestep, emb, mask)
-            elif name == "diffusers":
-                models[name] = load_weights(diffusers_transformer(size), ctx.state_dict, ctx, f32).eval()
-                outs[name] = forward_diffusers(ctx, models[name], x_t, timestep, emb, mask)
-            else:
-                ds = common.import_diffsynth()
-                models[name] = load_weights(diffsynth_dit(ds, size), ctx.state_dict, ctx, f32).eval()
-                outs[name] = forward_diffsynth(ctx, models[name], x_t, timestep, emb, mask)
+            models[name] = load_weights(build(), ctx.state_dict, ctx, f32).eval()
+            outs[name] = forward(ctx, models[name], x_t, timestep, *ctx.prompt_inputs(name, inp.emb, f32))
+            if name != "diffsynth":
+                padded_outs[name] = forward(ctx, models[name], x_t, timestep, *padded)
+            if name == "diffusers":
+                real_ref = forward(ctx, models[name], x_t, timestep, *real_only)
         except Exception as e:  # reported, and that implementation is then skipped
             lines.append(f"{name}: forward failed: {type(e).__name__}: {e}")
             logger.error("%s forward failed:\n%s", name, traceback.format_exc())
@@ -539,10 +571,14 @@ def check_agreement(ctx: Context, impls: list[str]) -> list[str]:
     if ref is None:
         return lines
     scale = ref.abs().max().item()
-    lines.append(f"output max |v| = {scale:.3g} (diffusers)")
+    text = "the padded text" if ctx.padded_text else "its own prompt step's text"
+    lines.append(f"each given {text}: output max |v| = {scale:.3g} (diffusers)")
     for name, out in outs.items():
         if name != "diffusers":
             lines.append(f"max |{name} - diffusers| = {(out - ref).abs().max().item():.2e}")
+    for name, out in padded_outs.items():
+        lines.append(f"max |{name} on {size.text_len} padded+masked tokens - diffusers on the {size.text_valid} "
+                     f"real ones| = {(out - real_ref).abs().max().item():.2e}")
     if "diffsynth" in models:
         # Its MLP uses x * sigmoid(1.702 x) where the reference has tanh-GELU; with tanh-GELU swapped in, the
         # rest of the computation should agree to fp32 rounding.
@@ -550,7 +586,8 @@ def check_agreement(ctx: Context, impls: list[str]) -> list[str]:
         original = ds.ApproximateGELU.forward
         ds.ApproximateGELU.forward = lambda self, x: torch.nn.functional.gelu(self.proj(x), approximate="tanh")
         try:
-            out = forward_diffsynth(ctx, models["diffsynth"], x_t, timestep, emb, mask)
+            out = forward_diffsynth(ctx, models["diffsynth"], x_t, timestep,
+                                    *ctx.prompt_inputs("diffsynth", inp.emb, f32))
             lines.append(f"max |diffsynth (tanh-GELU swapped in) - diffusers| = {(out - ref).abs().max().item():.2e}")
         finally:
             ds.ApproximateGELU.forward = original
@@ -675,7 +712,7 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
         f"{info['load']} at the start, {common.load_average()} at the end.",
         f"Command: `python benchmarks/run.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
         "",
-        f"Model: random Qwen-Image DiT, {size.describe()}. Same weights and inputs in all three; "
+        f"Model: random Qwen-Image DiT, {size.describe(args.padded_text)}. Same weights and inputs in all three; "
         f"median of {args.runs} steps after {args.warmup} warm-up, implementations alternated step by step in "
         "one process. LoRA targets (all three): " + ", ".join(LORA_TARGETS) + ".",
         "",
@@ -749,8 +786,13 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
               "denoising step with true CFG (2 DiT calls + combine + Euler step). `peak MB` = this implementation's "
               "weights + optimizer state (counted exactly) + the peak memory above that level during one step "
               f"({mem_note}). Ratios < 1 favour diffusmith. Targets: train-bf16 time <= 0.8x and memory <= 0.9x of "
-              "the best peer; inference <= 0.9x diffusers. diffsynth always gets its text without padding (its "
-              "prompt unit's output), so it attends over fewer tokens and without a mask."]
+              "the best peer; inference <= 0.9x diffusers. Text: "
+              + ("diffusmith and diffusers attend over the padded text with a mask (`--padded-text`); diffsynth gets "
+                 "the real tokens only (its prompt unit's output)." if args.padded_text else
+                 "each gets what its own prompt step returns for one prompt: the real tokens with mask None "
+                 "(diffusmith's `encode_prompt`, diffusers' `QwenImagePipeline.encode_prompt`, which drops an "
+                 "all-ones mask), the real tokens with an all-ones mask that only sets the text length (diffsynth)."
+                 )]
     return "\n".join(lines)
 
 
@@ -777,6 +819,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(common.REPO_ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--no-results", action="store_true", help="do not write the markdown file")
     parser.add_argument("--small", action="store_true", help="a smoke-test size (2 layers, 256 px)")
+    parser.add_argument("--padded-text", action="store_true",
+                        help="give diffusmith and diffusers the text padded to text_len with a mask (the old case) "
+                             "instead of what their prompt step gives for one prompt (no padding, no mask)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -795,13 +840,13 @@ def main(argv: list[str] | None = None) -> int:
     size = SMALL if args.small else MID
     info = common.machine_info(device)
     logger.info("machine: %s", info)
-    logger.info("model: %s", size.describe())
+    logger.info("model: %s", size.describe(args.padded_text))
 
     torch.manual_seed(0)
     reference = diffusers_transformer(size)
     state_dict = {k: v.detach().clone() for k, v in reference.state_dict().items()}
     del reference
-    ctx = Context(size, device, state_dict, make_inputs(size))
+    ctx = Context(size, device, state_dict, make_inputs(size), padded_text=args.padded_text)
 
     agreement = check_agreement(ctx, args.impls)
     for line in agreement:
