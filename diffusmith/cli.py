@@ -192,6 +192,10 @@ def add_train_parser(sub, name: str = "train") -> None:
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     run.add_argument("--num-processes", type=_positive_int, default=1,
                      help="data-parallel processes (relaunches through accelerate)")
+    if name == "train":
+        run.add_argument("--sharding", default="none", choices=["none", "fsdp", "deepspeed-zero1", "deepspeed-zero2"],
+                         help="split weights/gradients/optimizer state over the processes: fsdp (torch FSDP2) "
+                              "or DeepSpeed ZeRO stage 1/2 (pip install deepspeed); none = plain data parallel")
     run.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt model weights")
     val = tr.add_argument_group("validation")
     val.add_argument("--validation-prompt", action="append", default=[], metavar="PROMPT")

@@ -9,6 +9,10 @@ Layout of one checkpoint (under the run's output folder)::
                                  format_version, the caller's ``extra`` (e.g. the run's config)
         rng-<rank>.safetensors   one per process: torch CPU and CUDA generator states as uint8 tensors,
                                  Python's and numpy's states as JSON in the file's metadata
+        optimizer-<rank>.safetensors
+                                 instead of optimizer.safetensors when the optimizer state is sharded over
+                                 the processes (FSDP, DeepSpeed ZeRO): each process's part, its non-tensor
+                                 rest as JSON in the file's metadata; resuming needs the same process count
         COMPLETE                 written last: the format version and the size of every file above
 
 A checkpoint is written into ``step-000500.tmp-<random>/``, every file is fsynced, ``COMPLETE`` goes in last,
@@ -69,6 +73,7 @@ STATE_FILE = "state.json"
 _FINAL_NAME = re.compile(r"^step-(\d+)$")
 _TMP_NAME = re.compile(r"^step-(\d+)\.tmp-")
 _RNG_FILE = re.compile(r"^rng-(\d+)\.safetensors$")
+_OPTIMIZER_SHARD_FILE = re.compile(r"^optimizer-(\d+)\.safetensors$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -81,6 +86,10 @@ def _checkpoints_root(out_dir: str | os.PathLike) -> Path:
 
 def _rng_file_name(rank: int) -> str:
     return f"rng-{rank}.safetensors"
+
+
+def _optimizer_shard_name(rank: int) -> str:
+    return f"optimizer-{rank}.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,14 +277,36 @@ def write_rng(directory: str | os.PathLike, rank: int) -> Path:
         "python_random": json.dumps(_to_json(random.getstate(), "Python RNG state")),
         "numpy_random": json.dumps(_to_json(np.random.get_state(), "numpy RNG state")),
     }
-    final = directory / _rng_file_name(rank)
-    partial = directory / f".{final.name}.partial-{secrets.token_hex(4)}"
+    return _save_tensors_atomically(tensors, directory / _rng_file_name(rank), metadata)
+
+
+def _save_tensors_atomically(tensors: Mapping[str, torch.Tensor], final: Path, metadata: dict[str, str]) -> Path:
+    partial = final.parent / f".{final.name}.partial-{secrets.token_hex(4)}"
     try:
         _save_tensors(tensors, partial, metadata)
         os.replace(partial, final)
     finally:
         partial.unlink(missing_ok=True)
     return final
+
+
+def write_optimizer_shard(directory: str | os.PathLike, rank: int, optimizer: Any) -> Path:
+    """Write this process's part of a sharded optimizer state (``optimizer.state_dict()`` of FSDP or
+    DeepSpeed ZeRO: it differs on every process) to ``directory/optimizer-<rank>.safetensors``, atomically;
+    the non-tensor rest goes into the file's metadata as JSON."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, rest = optimizer_state_to_tensors(optimizer.state_dict())
+    metadata = {"format_version": str(FORMAT_VERSION), "rank": str(rank),
+                "state": json.dumps(rest, allow_nan=False)}
+    return _save_tensors_atomically(tensors, directory / _optimizer_shard_name(rank), metadata)
+
+
+def _read_optimizer_shard(path: Path) -> dict:
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return optimizer_state_from_tensors(tensors, json.loads(metadata["state"]))
 
 
 def _restore_rng(path: Path) -> None:
@@ -389,7 +420,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, *, trainable: Mapping
                     optimizer: torch.optim.Optimizer | None, lr_scheduler: Any | None,
                     data_state: Mapping[str, Any], epoch: int, extra: Mapping[str, Any] | None = None,
                     is_main_process: bool = True, rank: int = 0, barrier: Callable[[], Any] | None = None,
-                    num_processes: int | None = None) -> Path:
+                    num_processes: int | None = None, optimizer_per_rank: bool = False) -> Path:
     """Write checkpoint ``step`` to ``out_dir/checkpoints/step-NNNNNN/`` atomically; returns its path.
 
     ``data_state`` is the data position (e.g. the batch sampler's ``state_dict()``) and ``extra`` anything
@@ -405,7 +436,11 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, *, trainable: Mapping
       error is raised on the process where it happened;
     - or, without ``barrier``, see the module docstring: every process calls ``write_rng``, the caller waits
       for all, then the main process calls this with ``num_processes``; the others get the path back and
-      write nothing. The caller waits for all again before anyone reads the checkpoint."""
+      write nothing. The caller waits for all again before anyone reads the checkpoint.
+
+    ``optimizer_per_rank``: the optimizer's state is sharded over the processes (FSDP, DeepSpeed ZeRO), so
+    every process writes its own ``optimizer-<rank>.safetensors`` (needs ``barrier`` with several
+    processes)."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise DiffusmithError(f"checkpoint step must be a whole number >= 0, not {step!r}")
     if num_processes is not None and num_processes < 1:
@@ -416,11 +451,14 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, *, trainable: Mapping
         num_processes = dist.get_world_size()  # so the main process notices a process whose RNG file is missing
 
     collect_rng = barrier is not None or (num_processes or 1) > 1  # else this process's RNG is all there is
+    if optimizer_per_rank and barrier is None and (num_processes or 1) > 1:
+        raise DiffusmithError("a sharded optimizer state is written by every process: pass barrier")
 
     def write() -> None:
         _write_checkpoint(out_dir, step, final, trainable=trainable, optimizer=optimizer,
                           lr_scheduler=lr_scheduler, data_state=data_state, epoch=epoch, extra=extra,
-                          rank=rank, rng_from=staging if collect_rng else None, num_processes=num_processes)
+                          rank=rank, rng_from=staging if collect_rng else None, num_processes=num_processes,
+                          optimizer_per_rank=optimizer_per_rank)
 
     if barrier is None:
         if is_main_process:
@@ -441,6 +479,8 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, *, trainable: Mapping
         attempt(lambda: shutil.rmtree(staging, ignore_errors=True))  # rng files of an older attempt
     barrier()
     attempt(lambda: write_rng(staging, rank))
+    if optimizer_per_rank:
+        attempt(lambda: write_optimizer_shard(staging, rank, optimizer))
     barrier()
     if is_main_process:
         attempt(write)
@@ -454,27 +494,36 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, *, trainable: Mapping
     return final
 
 
-def _collect_rng_files(staging: Path, num_processes: int | None) -> list[Path]:
-    ranks = sorted(int(m.group(1)) for p in staging.glob("rng-*.safetensors") if (m := _RNG_FILE.match(p.name)))
+def _collect_staged(staging: Path, pattern: re.Pattern, name: Callable[[int], str], num_processes: int | None,
+                    what: str, writer: str) -> list[Path]:
+    ranks = sorted(int(m.group(1)) for p in staging.glob("*.safetensors") if (m := pattern.match(p.name)))
     expected = list(range(num_processes if num_processes is not None else max(ranks, default=-1) + 1))
     missing = sorted(set(expected) - set(ranks))
     if missing or not expected:
-        raise DiffusmithError(f"RNG state of process(es) {missing or [0]} missing in {staging}: every process must "
-                              "call write_rng(rng_staging_dir(out_dir, step), rank) and wait for the others "
+        raise DiffusmithError(f"{what} of process(es) {missing or [0]} missing in {staging}: every process must "
+                              f"call {writer}(rng_staging_dir(out_dir, step), rank, ...) and wait for the others "
                               "before the main process saves")
-    return [staging / _rng_file_name(r) for r in expected]
+    return [staging / name(r) for r in expected]
+
+
+def _collect_rng_files(staging: Path, num_processes: int | None) -> list[Path]:
+    return _collect_staged(staging, _RNG_FILE, _rng_file_name, num_processes, "RNG state", "write_rng")
 
 
 def _write_checkpoint(out_dir: str | os.PathLike, step: int, final: Path, *, trainable: Mapping[str, torch.Tensor],
                       optimizer: Any, lr_scheduler: Any, data_state: Mapping[str, Any], epoch: int,
                       extra: Mapping[str, Any] | None, rank: int, rng_from: Path | None,
-                      num_processes: int | None) -> None:
+                      num_processes: int | None, optimizer_per_rank: bool = False) -> None:
     # Everything that can be refused is checked before the first byte is written.
     optimizer_tensors: dict[str, torch.Tensor] = {}
     optimizer_json = None
-    if optimizer is not None:
+    if optimizer is not None and not optimizer_per_rank:
         optimizer_tensors, optimizer_json = optimizer_state_to_tensors(optimizer.state_dict())
     rng_files = _collect_rng_files(rng_from, num_processes) if rng_from is not None else []
+    shard_files = []
+    if optimizer_per_rank and rng_from is not None:
+        shard_files = _collect_staged(rng_from, _OPTIMIZER_SHARD_FILE, _optimizer_shard_name, len(rng_files),
+                                      "optimizer state", "write_optimizer_shard")
     state = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -483,6 +532,7 @@ def _write_checkpoint(out_dir: str | os.PathLike, step: int, final: Path, *, tra
         "data_state": _to_json(dict(data_state), "data_state"),
         "lr_scheduler": _to_json(_state_dict_or_none(lr_scheduler), "lr scheduler state"),
         "optimizer": optimizer_json,
+        "optimizer_shards": (len(rng_files) or 1) if optimizer_per_rank else None,
         "extra": _to_json(dict(extra or {}), "extra"),
     }
 
@@ -496,11 +546,13 @@ def _write_checkpoint(out_dir: str | os.PathLike, step: int, final: Path, *, tra
                 _remove_tree(leftover)
         tmp.mkdir()
         _save_tensors(dict(trainable), tmp / TRAINABLE_FILE)
-        if optimizer is not None:
+        if optimizer is not None and not optimizer_per_rank:
             _save_tensors(optimizer_tensors, tmp / OPTIMIZER_FILE)
         if rng_from is None:
             write_rng(tmp, rank)
-        for file in rng_files:
+            if optimizer_per_rank:
+                write_optimizer_shard(tmp, rank, optimizer)
+        for file in [*rng_files, *shard_files]:
             os.replace(file, tmp / file.name)
         _write_json(state, tmp / STATE_FILE)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -567,11 +619,13 @@ def _check_files(path: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, *, optimizer: torch.optim.Optimizer | None = None,
-                    lr_scheduler: Any | None = None, restore_rng: bool = True, rank: int = 0) -> LoadedCheckpoint:
+                    lr_scheduler: Any | None = None, restore_rng: bool = True, rank: int = 0,
+                    num_processes: int | None = None, optimizer_per_rank: bool = False) -> LoadedCheckpoint:
     """Read a checkpoint folder. ``optimizer`` and ``lr_scheduler`` (built as for a fresh run, the scheduler
     after the optimizer) get their state loaded in place; the RNG states of process ``rank`` are restored
-    unless ``restore_rng`` is False. The trainable weights come back on the CPU; copying them into the
-    model is the caller's job."""
+    unless ``restore_rng`` is False. A sharded optimizer state (FSDP, ZeRO) is read from process
+    ``rank``'s own file and needs the ``num_processes`` it was saved with. The trainable weights come back
+    on the CPU; copying them into the model is the caller's job."""
     path = Path(path)
     _check_files(path)
     state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
@@ -582,9 +636,20 @@ def load_checkpoint(path: str | os.PathLike, *, optimizer: torch.optim.Optimizer
     trainable = load_file(path / TRAINABLE_FILE)
 
     if optimizer is not None:
-        if state["optimizer"] is None:
+        shards = state.get("optimizer_shards")
+        if bool(shards) != optimizer_per_rank:
+            saved_how = f"sharded over {shards} processes" if shards else "whole (not sharded)"
+            raise DiffusmithError(f"checkpoint {path} holds its optimizer state {saved_how}; resume it with the "
+                                  "--sharding it was saved with")
+        if shards:
+            if (num_processes or 1) != shards:
+                raise DiffusmithError(f"checkpoint {path} holds an optimizer state sharded over {shards} processes; "
+                                      f"resume it with --num-processes {shards} and the same --sharding")
+            saved = _read_optimizer_shard(path / _optimizer_shard_name(rank))
+        elif state["optimizer"] is None:
             raise DiffusmithError(f"checkpoint {path} holds no optimizer state; resume without loading one")
-        saved = optimizer_state_from_tensors(load_file(path / OPTIMIZER_FILE), state["optimizer"])
+        else:
+            saved = optimizer_state_from_tensors(load_file(path / OPTIMIZER_FILE), state["optimizer"])
         try:
             optimizer.load_state_dict(saved)
         except (ValueError, KeyError) as error:

@@ -21,6 +21,7 @@ from ..errors import DiffusmithError
 from ..pipelines.base import BasePipeline, run_unit
 from ..schedulers.flow_match import TimestepSampling
 from .cache import FeatureCache, apply_cached_unit
+from .distributed import shard_like, whole_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,9 @@ class TrainingModule(nn.Module):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.trainable_parameters().items()}
+        """The trainable weights by name, whole (gathered when FSDP shards them: every process must call
+        this then), detached."""
+        return {n: whole_tensor(p.detach()) for n, p in self.trainable_parameters().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = self.trainable_parameters()
@@ -107,7 +110,7 @@ class TrainingModule(nn.Module):
                                   "resume with the same --lora-* / --full options")
         with torch.no_grad():
             for name, value in state.items():
-                params[name].copy_(value)
+                params[name].copy_(shard_like(value, params[name]))
 
     # ---- the loss ----------------------------------------------------------------------------------
     def prepare_inputs(self, batch: dict[str, Any]) -> tuple[dict, dict]:

@@ -10,8 +10,9 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from ..core.lora import save_lora
+from ..core.lora import LoraPair, lora_state_dict, save_lora
 from ..errors import DiffusmithError
+from .distributed import whole_tensor
 
 logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -45,19 +46,26 @@ def check_output_folder(out: Path, fingerprint: dict[str, Any], *, resume: str |
 
 def save_final_weights(out: Path, module, *, is_main_process: bool = True) -> Path:
     """``lora.safetensors`` (diffusers/ComfyUI keys) or ``model.safetensors`` (full fine-tune, the
-    checkpoint's own key layout, loadable with ``--transformer``)."""
+    checkpoint's own key layout, loadable with ``--transformer``).
+
+    Every process must call this: weights sharded over the processes (FSDP) are gathered first."""
     if module.spec.full:
         path = out / "model.safetensors"
+        # stored in the dtype the frozen weights were loaded in (bf16 under --mixed-precision bf16)
+        dtype = module.pipe.torch_dtype
+        state = {}
+        for k, v in module.model.state_dict().items():
+            v = whole_tensor(v.detach())  # one tensor gathered at a time; only the main process keeps it
+            if is_main_process:
+                state[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
         if is_main_process:
-            # stored in the dtype the frozen weights were loaded in (bf16 under --mixed-precision bf16)
-            dtype = module.pipe.torch_dtype
-            state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
-                     for k, v in module.model.state_dict().items()}
             tmp = path.with_name(".model.safetensors.tmp")
             save_file(state, tmp)
             os.replace(tmp, path)
     else:
         path = out / "lora.safetensors"
+        pairs = {name: LoraPair(down=whole_tensor(p.down), up=whole_tensor(p.up), alpha=p.alpha)
+                 for name, p in lora_state_dict(module.model).items()}
         if is_main_process:
-            save_lora(path, module.model, rank=module.spec.rank, alpha=module.spec.lora_alpha)
+            save_lora(path, pairs, rank=module.spec.rank, alpha=module.spec.lora_alpha)
     return path

@@ -6,7 +6,6 @@ optimizer, LR schedule, step, RNG states, data position); ``resume="latest"`` pi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import time
@@ -23,6 +22,7 @@ from ..errors import DiffusmithError
 from ..schedulers.flow_match import TimestepSampling
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from .data import load_dataset, make_dataloader
+from .distributed import DataParallel, make_strategy, sharding_from_environment
 from .logs import MetricsLog
 from .module import LossSpec, TrainableSpec, TrainingModule
 from .optim import make_lr_scheduler, make_optimizer
@@ -82,6 +82,8 @@ class TrainConfig:
     validation_cfg_scale: float = 4.0
     allow_pickle: bool = False
     cache: str | None = None
+    sharding: str = "none"  # none (data parallel) | fsdp | deepspeed-zero1 | deepspeed-zero2
+    sharding_options: dict = field(default_factory=dict)  # e.g. FSDP's offload, from an accelerate config
 
     def check(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
@@ -103,6 +105,14 @@ class TrainConfig:
             raise DiffusmithError("block swap keeps frozen weights off the GPU; it does not work with --full")
         if self.full and self.fp8_base:
             raise DiffusmithError("--fp8-base stores the frozen weights in fp8; with --full every weight trains")
+        if self.sharding != "none":
+            for flag, on in (("--block-swap", self.block_swap is not None), ("--fp8-base", self.fp8_base),
+                             ("--compile", self.compile)):
+                if on:
+                    raise DiffusmithError(f"{flag} does not work with --sharding {self.sharding} yet; use one "
+                                          "of them")
+            if self.mixed_precision == "fp16" and self.sharding == "fsdp":
+                raise DiffusmithError("--sharding fsdp runs with --mixed-precision bf16 or no, not fp16")
 
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between a run and its resume."""
@@ -137,9 +147,15 @@ class _StopFlag:
 
 
 def build_accelerator(config: TrainConfig):
+    """accelerate's Accelerator for this run; an FSDP/DeepSpeed accelerate config becomes
+    ``config.sharding`` (diffusmith shards the model itself; accelerate only runs the processes)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    sharding = sharding_from_environment(config.sharding)
+    config.sharding = sharding["kind"]
+    config.sharding_options = {**config.sharding_options, **{k: v for k, v in sharding.items() if k != "kind"}}
+    config.check()
     device = resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # accelerate keeps one state per process; a second run in the same process (a notebook, the tests)
     # may ask for another precision
@@ -273,18 +289,22 @@ def train(config: TrainConfig) -> Path:
                              num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     steps_per_epoch = max(1, len(loader.batch_sampler) // config.gradient_accumulation)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
-    optimizer = make_optimizer(module.trainable_parameters().values(), config.learning_rate,
-                               use_8bit=config.optimizer == "adamw8bit")
-    lr_scheduler = make_lr_scheduler(optimizer, config.lr_schedule, config.warmup_steps, total_steps)
+    strategy = make_strategy(config.sharding, **config.sharding_options)
+    optimizer = strategy.setup(
+        accelerator, module,
+        lambda params: make_optimizer(params, config.learning_rate, use_8bit=config.optimizer == "adamw8bit"),
+        device_placement=config.block_swap is None, batch_size=config.batch_size,
+        gradient_accumulation=config.gradient_accumulation, max_grad_norm=config.max_grad_norm,
+        mixed_precision=config.mixed_precision)
     # the LR scheduler and the data loader stay ours: accelerate's wrappers would step / shard them again
-    # with block swap, moving the module to the device would bring every swapped weight back onto it
-    wrapped, optimizer = accelerator.prepare(module, optimizer, device_placement=[config.block_swap is None, True])
+    lr_scheduler = make_lr_scheduler(optimizer, config.lr_schedule, config.warmup_steps, total_steps)
 
     step, epoch, batches_done = 0, 0, 0
     checkpoint = resolve_resume(out, config.resume) if config.resume else None
     if checkpoint is not None:
-        loaded = load_checkpoint(checkpoint, optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer")
-                                 else optimizer, lr_scheduler=lr_scheduler, rank=accelerator.process_index)
+        loaded = load_checkpoint(checkpoint, optimizer=strategy.checkpoint_optimizer(), lr_scheduler=lr_scheduler,
+                                 rank=accelerator.process_index, num_processes=accelerator.num_processes,
+                                 optimizer_per_rank=strategy.optimizer_per_rank)
         module.load_trainable_state_dict(loaded.trainable)
         step, epoch = loaded.step, loaded.epoch
         batches_done = loaded.data_state["batches_done"]
@@ -301,12 +321,13 @@ def train(config: TrainConfig) -> Path:
 
     def save(at_step: int) -> Path | None:
         accelerator.wait_for_everyone()
-        path = save_checkpoint(out, at_step, trainable=module.trainable_state_dict(), optimizer=optimizer,
-                               lr_scheduler=lr_scheduler, epoch=epoch,
+        path = save_checkpoint(out, at_step, trainable=module.trainable_state_dict(),
+                               optimizer=strategy.checkpoint_optimizer(), lr_scheduler=lr_scheduler, epoch=epoch,
                                data_state={"epoch": epoch, "batches_done": batches_done},
                                extra={"config": config.fingerprint()}, is_main_process=main,
                                rank=accelerator.process_index, barrier=accelerator.wait_for_everyone,
-                               num_processes=accelerator.num_processes)
+                               num_processes=accelerator.num_processes,
+                               optimizer_per_rank=strategy.optimizer_per_rank)
         if main and config.keep_checkpoints:
             prune_checkpoints(out, config.keep_checkpoints)
         return path
@@ -318,21 +339,17 @@ def train(config: TrainConfig) -> Path:
             loss_value = 0.0
             for micro in range(config.gradient_accumulation):
                 epoch, batches_done, batch = next(stream)
-                last = micro == config.gradient_accumulation - 1
-                with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():
-                    loss = wrapped(batch)
+                with strategy.no_sync(last_micro_batch=micro == config.gradient_accumulation - 1):
+                    loss = strategy.forward(batch)
                     if not torch.isfinite(loss).all():
                         good = latest_checkpoint(out)
                         raise DiffusmithError(
                             f"the loss became {loss.item()} at step {step + 1}: training stopped; the last good "
                             f"checkpoint is {good or 'none'}; lower --learning-rate or check the data")
-                    accelerator.backward(loss / config.gradient_accumulation)
+                    strategy.backward(loss, config.gradient_accumulation)
                 loss_value += loss.detach().float().item() / config.gradient_accumulation
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(list(module.trainable_parameters().values()), config.max_grad_norm)
-            optimizer.step()
+            strategy.step(config.max_grad_norm)
             lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - started
             lr = lr_scheduler.get_last_lr()[0]
@@ -341,8 +358,9 @@ def train(config: TrainConfig) -> Path:
             progress.update(1)
             if config.save_every and step % config.save_every == 0 and step < total_steps:
                 save(step)
-            if validation.due(step) and main:
-                _validate(pipe, module, validation, step, out, accelerator)
+            # a sharded model samples only with every process taking part; a replicated one on the main one
+            if validation.due(step) and (main or not strategy.replicated):
+                _validate(pipe, module, validation, step, out, accelerator, write=main)
             if stop.requested:
                 path = save(step)
                 progress.close()
@@ -352,16 +370,16 @@ def train(config: TrainConfig) -> Path:
     metrics.close()
     if config.save_every:
         save(step)
-    check_replicas_agree(accelerator, module)
+    check_replicas_agree(accelerator, module, strategy)
     final = save_final_weights(out, module, is_main_process=main)
     accelerator.wait_for_everyone()
     return final
 
 
-def check_replicas_agree(accelerator, module: TrainingModule) -> None:
+def check_replicas_agree(accelerator, module: TrainingModule, strategy: DataParallel) -> None:
     """Data-parallel processes must end with the same weights; a silent divergence would make the saved
-    result depend on which process wrote it."""
-    if accelerator.num_processes == 1:
+    result depend on which process wrote it. (FSDP holds one copy, split over the processes.)"""
+    if accelerator.num_processes == 1 or not strategy.replicated:
         return
     params = module.trainable_parameters().values()
     checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
@@ -372,12 +390,14 @@ def check_replicas_agree(accelerator, module: TrainingModule) -> None:
     logger.info("all %d processes hold the same weights", accelerator.num_processes)
 
 
-def _validate(pipe, module: TrainingModule, spec: ValidationSpec, step: int, out: Path, accelerator) -> None:
+def _validate(pipe, module: TrainingModule, spec: ValidationSpec, step: int, out: Path, accelerator,
+              write: bool = True) -> None:
     module.model.eval()
     try:
         with accelerator.autocast():
-            path = render_validation(pipe, spec, step, out / "samples")
-        logger.info("validation samples: %s", path)
+            path = render_validation(pipe, spec, step, out / "samples", write=write)
+        if write:
+            logger.info("validation samples: %s", path)
     finally:
         module.model.train()
 

@@ -38,14 +38,17 @@ def make_grid(images: Sequence[Image.Image]) -> Image.Image:
     return grid
 
 
-def render_validation(pipe: BasePipeline, spec: ValidationSpec, step: int, folder: Path) -> Path:
-    """Sample every validation prompt with the same settings a user would use at inference."""
+def render_validation(pipe: BasePipeline, spec: ValidationSpec, step: int, folder: Path, write: bool = True) -> Path:
+    """Sample every validation prompt with the same settings a user would use at inference. ``write=False``
+    samples without saving (a process that only helps a sharded model run)."""
     images = [pipe(prompt=prompt, negative_prompt=spec.negative_prompt, cfg_scale=spec.cfg_scale,
                    height=spec.height, width=spec.width, num_inference_steps=spec.steps, seed=spec.seed,
                    progress_bar=False)
               for prompt in spec.prompts]
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.png"
+    if not write:
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f".step-{step:06d}.partial.png"
     make_grid(images).save(partial)
     partial.replace(path)
