@@ -148,6 +148,8 @@ def _loss_and_grads(model: QwenImageDiT, inputs, **flags) -> tuple[torch.Tensor,
         {"use_gradient_checkpointing": True},
         {"use_gradient_checkpointing": True, "use_gradient_checkpointing_offload": True},
         {"use_gradient_checkpointing_offload": True},
+        {"use_gradient_checkpointing": True, "gradient_checkpointing_mode": "selective"},
+        {"use_gradient_checkpointing_offload": True, "gradient_checkpointing_mode": "selective"},
     ],
 )
 def test_gradient_checkpointing_same_output_and_grads(models, flags):

@@ -1,17 +1,72 @@
-"""Gradient checkpointing for one repeated block, switched by two flags the model's forward receives.
+"""Gradient checkpointing for one repeated block, switched by flags the model's forward receives.
 
 Checkpointing keeps only a block's inputs during the forward pass and recomputes the block's activations
 during backward, which trades compute for memory. The offload variant also moves what checkpointing still
 keeps (the block's tensor inputs) to CPU memory until backward needs them.
+
+Two modes say how much of a block is recomputed:
+
+- ``"full"``: the whole block (the default). A LoRA step's frozen weights need no weight gradient, so its
+  backward costs about one forward and the recomputation adds about half of the step's time.
+- ``"selective"``: the outputs of attention and of the full-rank matrix products are kept; only the cheap
+  work around them (norms, modulation, rotary embedding, GELU, casts, gates, a LoRA's low-rank
+  up-projection) runs again in backward. This keeps more than ``"full"`` but far less than no
+  checkpointing, at a fraction of the recomputation cost.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+CHECKPOINTING_MODES = ("full", "selective")
+
+_aten = torch.ops.aten
+
+
+def _ops(*names: str) -> frozenset:
+    return frozenset(getattr(_aten, name).default for name in names if hasattr(_aten, name))
+
+
+# Every Linear lowers to one of these products; the second matrix is the last argument.
+_PRODUCTS = _ops("mm", "bmm")
+_PRODUCTS_WITH_BIAS = _ops("addmm", "baddbmm")
+# The fused attention kernels of each device.
+_ATTENTION = _ops(
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable",
+)
+
+
+def is_low_rank_product(mat2: torch.Tensor) -> bool:
+    """A product ``(M, K) @ (K, N)`` with ``K <= N / 4``: a low-rank up-projection such as a LoRA's B. Its
+    output is as large as the layer it adapts while it costs only ``K / width`` of that layer: cheaper to
+    recompute than to keep."""
+    inner, width = mat2.shape[-2], mat2.shape[-1]
+    return 4 * inner <= width
+
+
+def save_expensive_ops_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective-checkpoint policy: keep the outputs of attention and of the matrix products, except
+    low-rank up-projections; recompute everything else (norms, modulation, rotary, GELU, casts, sums)."""
+    if op in _ATTENTION:
+        return CheckpointPolicy.MUST_SAVE
+    if op in _PRODUCTS or op in _PRODUCTS_WITH_BIAS:
+        mat2 = args[2] if op in _PRODUCTS_WITH_BIAS else args[1]
+        return CheckpointPolicy.PREFER_RECOMPUTE if is_low_rank_product(mat2) else CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def check_checkpointing_mode(mode: str) -> str:
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"gradient_checkpointing_mode must be one of {', '.join(CHECKPOINTING_MODES)}, got {mode!r}")
+    return mode
 
 
 def gradient_checkpoint_forward(
@@ -19,14 +74,18 @@ def gradient_checkpoint_forward(
     use_gradient_checkpointing: bool,
     use_gradient_checkpointing_offload: bool,
     *args: Any,
+    gradient_checkpointing_mode: str = "full",
     **kwargs: Any,
 ) -> Any:
     """Call ``module(*args, **kwargs)``, checkpointed when asked and when autograd is recording.
 
     ``use_gradient_checkpointing_offload`` implies checkpointing: the saved block inputs go to CPU memory
-    (pinned when CUDA is available) and come back for the recomputation in backward. With both flags off, or
-    under ``torch.no_grad()`` / ``torch.inference_mode()``, this is a plain call.
+    (pinned when CUDA is available) and come back for the recomputation in backward; under ``"selective"``
+    the kept matmul/attention outputs stay where they are. ``gradient_checkpointing_mode`` is ``"full"``
+    (recompute the whole block) or ``"selective"`` (see the module docstring). With both flags off, or under
+    ``torch.no_grad()`` / ``torch.inference_mode()``, this is a plain call.
     """
+    check_checkpointing_mode(gradient_checkpointing_mode)
     if not (use_gradient_checkpointing or use_gradient_checkpointing_offload) or not torch.is_grad_enabled():
         return module(*args, **kwargs)
 
@@ -40,7 +99,10 @@ def gradient_checkpoint_forward(
         return module(*flat[:num_args], **dict(zip(names, flat[num_args:], strict=True)))
 
     flat_inputs = (*args, *(kwargs[name] for name in names))
+    options: dict[str, Any] = {"use_reentrant": False}
+    if gradient_checkpointing_mode == "selective":
+        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, save_expensive_ops_policy)
     if use_gradient_checkpointing_offload:
         with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-            return torch.utils.checkpoint.checkpoint(call, *flat_inputs, use_reentrant=False)
-    return torch.utils.checkpoint.checkpoint(call, *flat_inputs, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(call, *flat_inputs, **options)
+    return torch.utils.checkpoint.checkpoint(call, *flat_inputs, **options)

@@ -115,12 +115,16 @@ class QwenImageUnit_PromptEmbedder(PipelineUnit):
 def model_fn_qwen_image(dit: QwenImageDiT, latents: torch.Tensor, timestep: torch.Tensor,
                         prompt_emb: torch.Tensor, prompt_emb_mask: torch.Tensor | None = None,
                         use_gradient_checkpointing: bool = False,
-                        use_gradient_checkpointing_offload: bool = False, **_: object) -> torch.Tensor:
-    """Velocity for ``latents`` at ``timestep`` (sigma * 1000). The DiT's forward holds all the math."""
+                        use_gradient_checkpointing_offload: bool = False,
+                        gradient_checkpointing_mode: str = "full", **_: object) -> torch.Tensor:
+    """Velocity for ``latents`` at ``timestep`` (sigma * 1000). The DiT's forward holds all the math.
+
+    ``gradient_checkpointing_mode``: ``"full"`` or ``"selective"`` recomputation of checkpointed blocks."""
     timestep = timestep.to(device=latents.device, dtype=latents.dtype).expand(latents.shape[0])
     return dit(latents, timestep, prompt_emb, prompt_emb_mask,
                use_gradient_checkpointing=use_gradient_checkpointing,
-               use_gradient_checkpointing_offload=use_gradient_checkpointing_offload)
+               use_gradient_checkpointing_offload=use_gradient_checkpointing_offload,
+               gradient_checkpointing_mode=gradient_checkpointing_mode)
 
 
 def cfg_combine(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:

@@ -352,6 +352,7 @@ class QwenImageDiT(nn.Module):
         text_mask: torch.Tensor | None = None,
         use_gradient_checkpointing: bool = False,
         use_gradient_checkpointing_offload: bool = False,
+        gradient_checkpointing_mode: str = "full",
     ) -> torch.Tensor:
         """Predict the velocity.
 
@@ -362,6 +363,9 @@ class QwenImageDiT(nn.Module):
             text_mask: ``(B, T)`` bool or 0/1, 1 = real token; None = all tokens real.
             use_gradient_checkpointing: recompute each block in backward instead of keeping activations.
             use_gradient_checkpointing_offload: also keep the checkpointed block inputs in CPU memory.
+            gradient_checkpointing_mode: ``"full"`` recomputes each checkpointed block whole; ``"selective"``
+                keeps its matmul and attention outputs and recomputes only the elementwise work (see
+                :mod:`diffusmith.core.checkpointing`).
 
         Returns:
             ``(B, out_channels, h, w)`` velocity in the model's dtype.
@@ -389,6 +393,7 @@ class QwenImageDiT(nn.Module):
                 block,
                 use_gradient_checkpointing,
                 use_gradient_checkpointing_offload,
+                gradient_checkpointing_mode=gradient_checkpointing_mode,
                 image=image,
                 text=text,
                 temb=temb,

@@ -1,0 +1,133 @@
+"""Selective gradient checkpointing: the gradients of no checkpointing, with less kept for backward."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch._C._profiler import _EventType
+
+from diffusmith.core.checkpointing import (
+    gradient_checkpoint_forward,
+    is_low_rank_product,
+    save_expensive_ops_policy,
+)
+from diffusmith.core.lora import inject_lora
+from diffusmith.models.qwen_image.dit import PRESETS, QwenImageDiT
+from diffusmith.pipelines.qwen_image import model_fn_qwen_image
+
+TINY3 = dataclasses.replace(PRESETS["tiny"], num_layers=3)
+MODES = {  # name: model_fn keywords
+    "none": {},
+    "full": {"use_gradient_checkpointing": True},
+    "selective": {"use_gradient_checkpointing": True, "gradient_checkpointing_mode": "selective"},
+    "selective+offload": {"use_gradient_checkpointing_offload": True, "gradient_checkpointing_mode": "selective"},
+}
+
+
+def lora_dit(dtype: torch.dtype = torch.float32) -> QwenImageDiT:
+    """Frozen tiny DiT with a rank-4 LoRA whose B is not zero, so that every LoRA weight gets a gradient."""
+    torch.manual_seed(0)
+    model = QwenImageDiT(TINY3).to(dtype).requires_grad_(False)
+    inject_lora(model, model.default_lora_targets, rank=4, exclude=model.modules_without_gradient())
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def inputs(h: int = 8, text_len: int = 5):
+    g = torch.Generator().manual_seed(2)
+    latents = torch.randn(2, 16, h, h, generator=g)
+    text = torch.randn(2, text_len, TINY3.joint_attention_dim, generator=g)
+    return {"latents": latents, "timestep": torch.tensor([700.0, 200.0]), "prompt_emb": text}
+
+
+def allocated_during(fn) -> tuple[object, int]:
+    """``fn()`` and the bytes of torch CPU memory it allocated and had not freed when it returned (exact:
+    the profiler's allocator events). After a forward pass these are what autograd and checkpointing keep for
+    backward, plus the output."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    total, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            total += event.extra_fields.alloc_size
+    return out, total
+
+
+@pytest.mark.parametrize("mode", ["full", "selective", "selective+offload"])
+def test_lora_gradients_equal_no_checkpointing(mode):
+    model = lora_dit()
+    grads = {}
+    for name in ("none", mode):
+        loss = model_fn_qwen_image(model, **inputs(), **MODES[name]).pow(2).mean()
+        loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+    assert grads[mode].keys() == grads["none"].keys() and len(grads["none"]) > 0
+    for name, grad in grads[mode].items():
+        torch.testing.assert_close(grad, grads["none"][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_selective_keeps_less_than_no_checkpointing_and_more_than_full():
+    model = lora_dit()
+    kept = {}
+    for name in ("none", "full", "selective"):
+        out, kept[name] = allocated_during(lambda n=name: model_fn_qwen_image(model, **inputs(h=16), **MODES[n]))
+        out.pow(2).mean().backward()  # the kept tensors are used, and then freed
+        model.zero_grad(set_to_none=True)
+    # what a tiny block keeps is mostly elementwise work (norms, rotary, GELU): selective drops most of it
+    assert kept["selective"] < 0.6 * kept["none"], kept
+    assert kept["selective"] > kept["full"], kept  # the products' outputs are kept, not recomputed
+
+
+def test_selective_keeps_the_products_and_recomputes_the_rest():
+    calls = []
+
+    def block(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append(torch.is_grad_enabled())
+        h = torch.tanh(x @ w)  # full-rank product: kept
+        return h + (h @ a) @ b  # LoRA-like down (kept) and up (recomputed) projections
+
+    x = torch.randn(64, 32, requires_grad=True)
+    w, a, b = torch.randn(32, 32), torch.randn(32, 2, requires_grad=True), torch.randn(2, 32, requires_grad=True)
+    out = gradient_checkpoint_forward(block, True, False, x, w, a, b, gradient_checkpointing_mode="selective")
+    expected = torch.autograd.grad(block(x, w, a, b).sum(), (x, a, b))
+    assert torch.allclose(out, block(x, w, a, b))
+    calls.clear()
+    got = torch.autograd.grad(out.sum(), (x, a, b))
+    assert calls == [True]  # the block ran again, for the elementwise ops and the up-projection
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    assert not is_low_rank_product(w) and not is_low_rank_product(a) and is_low_rank_product(b)
+    assert save_expensive_ops_policy(None, torch.ops.aten.mm.default, x, w).name == "MUST_SAVE"
+    assert save_expensive_ops_policy(None, torch.ops.aten.mm.default, x, b).name == "PREFER_RECOMPUTE"
+    assert save_expensive_ops_policy(None, torch.ops.aten.tanh.default, x).name == "PREFER_RECOMPUTE"
+
+
+def test_unknown_mode_is_refused_and_no_grad_is_a_plain_call():
+    with pytest.raises(ValueError, match="gradient_checkpointing_mode"):
+        gradient_checkpoint_forward(torch.tanh, True, False, torch.ones(2), gradient_checkpointing_mode="some")
+    with torch.no_grad():
+        out = gradient_checkpoint_forward(torch.tanh, True, False, torch.ones(2, requires_grad=True),
+                                          gradient_checkpointing_mode="selective")
+    assert not out.requires_grad
+
+
+def test_selective_under_bf16_autocast_matches_no_checkpointing():
+    model = lora_dit(torch.bfloat16)
+    losses = {}
+    for name in ("none", "selective"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model_fn_qwen_image(model, **inputs(), **MODES[name]).float().pow(2).mean()
+        loss.backward()
+        losses[name] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        model.zero_grad(set_to_none=True)
+    assert losses["selective"][0] == losses["none"][0]
+    for name, grad in losses["selective"][1].items():
+        torch.testing.assert_close(grad, losses["none"][1][name], rtol=0, atol=0, msg=name)
