@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 import types
 from collections.abc import Callable, Iterable
@@ -30,19 +29,6 @@ MB = 2**20
 def add_repo_to_path() -> None:
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-
-
-def ensure_malloc_env() -> None:
-    """Re-exec this process once with glibc's mmap threshold pinned at 64 KiB.
-
-    glibc raises its mmap threshold after big blocks are freed, and then serves big tensors from the heap,
-    which it keeps: the process RSS would stop following the live tensors. With a fixed threshold every
-    tensor above 64 KiB is its own mapping, given back on free, so RSS sampling measures what is alive.
-    """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.system() != "Linux":
-        return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -75,15 +61,6 @@ def median(values: Iterable[float]) -> float:
 # Memory
 # ---------------------------------------------------------------------------------------------------------
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc/self/statm)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
 def malloc_trim() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -91,22 +68,28 @@ def malloc_trim() -> None:
         pass
 
 
-class PeakMemory:
-    """Peak memory above the level at the start of the window, in bytes (``.delta``).
+def allocation_trace(events) -> tuple[int, int]:
+    """``(net, peak)`` bytes of a time-ordered list of ``(time, signed size)`` allocator events."""
+    net = peak = 0
+    for _, size in sorted(events):
+        net += size
+        peak = max(peak, net)
+    return net, peak
 
-    CUDA: the caching allocator's exact ``max_memory_allocated`` minus ``memory_allocated`` at the start.
-    CPU: a thread samples the process RSS every ``interval`` seconds; peak RSS minus RSS at the start (after
-    ``malloc_trim``). Sampling can miss a spike shorter than the interval, so CPU numbers are a lower bound.
+
+class PeakMemory:
+    """Peak memory above the level at the start of the window, in bytes (``.delta``), exact on both devices.
+
+    CUDA: the caching allocator's ``max_memory_allocated`` minus ``memory_allocated`` at the start.
+    CPU: every allocation and free of torch's CPU allocator inside the window, as ``torch.profiler`` records
+    them (``profile_memory=True``), summed in time order. ``.net`` is what was still alive at the end.
     """
 
-    def __init__(self, device, interval: float = 0.001):
+    def __init__(self, device):
         import torch
 
         self.device = torch.device(device)
-        self.interval = interval
-        self.delta = 0
-        self.start = 0
-        self.peak = 0
+        self.delta = self.net = 0
 
     def __enter__(self) -> PeakMemory:
         import torch
@@ -116,32 +99,29 @@ class PeakMemory:
             self.start = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             return self
-        import gc
-
-        gc.collect()
-        malloc_trim()
-        self.start = self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                               profile_memory=True)
+        self._profile.__enter__()
         return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
 
     def __exit__(self, *exc) -> None:
         import torch
 
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, rss_bytes())
-        self.delta = max(0, self.peak - self.start)
+            self.delta = max(0, torch.cuda.max_memory_allocated() - self.start)
+            self.net = torch.cuda.memory_allocated() - self.start
+            return
+        from torch._C._profiler import _EventType
+
+        self._profile.__exit__(*exc)
+        events, stack = [], list(self._profile.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            event = stack.pop()
+            stack.extend(event.children)
+            if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+                events.append((event.start_time_ns, event.extra_fields.alloc_size))
+        self.net, self.delta = allocation_trace(events)
 
 
 class SavedTensors:

@@ -46,14 +46,19 @@ logger = logging.getLogger("benchmarks.run")
 
 IMPLS = ("diffusmith", "diffusers", "diffsynth")
 MODES = {
-    # name: (training, dtype, gradient checkpointing)
-    "train-bf16": (True, torch.bfloat16, False),
-    "train-bf16-gc": (True, torch.bfloat16, True),
-    "train-fp32": (True, torch.float32, False),
-    "train-fp32-gc": (True, torch.float32, True),
-    "infer-bf16": (False, torch.bfloat16, False),
-    "infer-fp32": (False, torch.float32, False),
+    # name: (training, dtype, gradient checkpointing: None, "full" (whole blocks) or "selective")
+    "train-bf16": (True, torch.bfloat16, None),
+    "train-bf16-gc": (True, torch.bfloat16, "full"),
+    "train-bf16-sgc": (True, torch.bfloat16, "selective"),
+    "train-fp32": (True, torch.float32, None),
+    "train-fp32-gc": (True, torch.float32, "full"),
+    "train-fp32-sgc": (True, torch.float32, "selective"),
+    "infer-bf16": (False, torch.bfloat16, None),
+    "infer-fp32": (False, torch.float32, None),
 }
+# Selective checkpointing (keep matmul/attention outputs, recompute the elementwise ops) exists in diffusmith
+# only: diffusers' enable_gradient_checkpointing and diffsynth's flag recompute whole blocks.
+ONLY_DIFFUSMITH = {mode for mode, (_, _, gc) in MODES.items() if gc == "selective"}
 # The same LoRA targets in all three (peft suffix matching; the module names are the checkpoint's in all three):
 # attention of both streams, both MLPs, both AdaLN modulations: diffusmith's default list.
 LORA_TARGETS = (
@@ -262,7 +267,8 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
     from diffusmith.training.module import LossSpec, TrainableSpec, TrainingModule
     from diffusmith.training.optim import make_optimizer
 
-    training, dtype, use_gc = MODES[mode]
+    training, dtype, gc_mode = MODES[mode]
+    use_gc = gc_mode is not None
     size, inp = ctx.size, ctx.inputs
     pipe = QwenImagePipeline(device=ctx.device, torch_dtype=dtype)
     pipe.dit = load_weights(diffusmith_dit(size), ctx.state_dict, ctx, dtype)
@@ -273,6 +279,9 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
                                 LossSpec(sampling=TimestepSampling(), use_gradient_checkpointing=use_gc))
         skipped = [n.rsplit(".", 1)[-1] for n in getattr(pipe.dit, "modules_without_gradient", list)()]
         notes = [f"LoRA skips the last block's {'/'.join(skipped)} (no gradient reaches them)"] if skipped else []
+        if gc_mode == "selective":  # LossSpec has no field for the mode: the benchmark binds it into model_fn
+            pipe.model_fn = functools.partial(pipe.model_fn, gradient_checkpointing_mode=gc_mode)
+            notes.append("`-sgc`: model_fn called with gradient_checkpointing_mode='selective'")
         if upcast_lora(module.trainable_parameters().values()):
             notes.append("LoRA upcast to fp32 by the benchmark (TrainingModule leaves it in the pipeline dtype)")
         optimizer = make_optimizer(module.trainable_parameters().values(), LR)
@@ -355,7 +364,8 @@ def build_diffusers(ctx: Context, mode: str) -> Runner:
     import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    training, dtype, use_gc = MODES[mode]
+    training, dtype, gc_mode = MODES[mode]
+    use_gc = gc_mode is not None
     size, inp = ctx.size, ctx.inputs
     transformer = load_weights(diffusers_transformer(size), ctx.state_dict, ctx, dtype)
     transformer.requires_grad_(False)
@@ -468,7 +478,8 @@ def forward_diffusers(ctx: Context, model: nn.Module, x_t, timestep, emb, mask) 
 
 def build_diffsynth(ctx: Context, mode: str) -> Runner:
     ds = common.import_diffsynth()
-    training, dtype, use_gc = MODES[mode]
+    training, dtype, gc_mode = MODES[mode]
+    use_gc = gc_mode is not None
     size, inp = ctx.size, ctx.inputs
     dit = load_weights(diffsynth_dit(ds, size), ctx.state_dict, ctx, dtype)
     pipe = ds.QwenImagePipeline(device=ctx.device, torch_dtype=dtype)
@@ -611,6 +622,8 @@ def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, 
     runners: dict[str, Runner] = {}
     results: dict[str, dict] = {}
     for name in impls:
+        if mode in ONLY_DIFFUSMITH and name != "diffusmith":
+            continue
         try:
             torch.manual_seed(0)
             runners[name] = BUILDERS[name](ctx, mode)
@@ -645,8 +658,8 @@ def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, 
                 runner.step()
             delta = max(delta, peak.delta)
         saved = None
-        training, _, use_gc = MODES[mode]
-        if training and not use_gc:  # exact, and blind to other load: what autograd keeps for backward
+        training, _, gc_mode = MODES[mode]
+        if training and gc_mode is None:  # exact, and blind to other load: what autograd keeps for backward
             with common.SavedTensors(runner.model) as hook:
                 runner.step()
             saved = hook.bytes / common.MB
@@ -743,7 +756,7 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
     if errors:
         lines += ["", "Failures: " + "; ".join(errors)]
 
-    pairs = [(a, b) for a, b in (("train-bf16", "train-bf16-gc"), ("train-fp32", "train-fp32-gc"))
+    pairs = [(a, b) for a in ("train-bf16", "train-fp32") for b in (f"{a}-gc", f"{a}-sgc")
              if a in modes and b in modes]
     if pairs:
         lines += ["", "Gradient checkpointing: activation memory = peak - (weights + gradients + optimizer state); "
@@ -761,7 +774,7 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
                              f"{act:.2f} | {tim:.2f} |")
 
     saved_rows = [(m, {n: results.get(n, {}).get(m, {}).get("saved_for_backward_mb") for n in impls})
-                  for m in modes if not MODES[m][2] and MODES[m][0]]
+                  for m in modes if MODES[m][2] is None and MODES[m][0]]
     if saved_rows:
         lines += ["", "Tensors saved for backward in one training step, MB (exact: autograd's saved tensors minus the "
                   "weights; unaffected by other load):", "",
@@ -780,8 +793,8 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
         lines += ["", "CPU timings mean something only on an otherwise idle machine: compare the load averages above "
                   "with the CPU count."]
     mem_note = ("exact (CUDA allocator)" if args.device == "cuda" else
-                "process RSS sampled every 1 ms (glibc mmap threshold pinned at 64 KiB so freed tensors leave RSS), "
-                "a lower bound")
+                "exact: every allocation and free of torch's CPU allocator in the step, from torch.profiler's "
+                "memory events")
     lines += ["", "How to read: `s/step` is a training step (loss + backward + AdamW + zero_grad) or, for infer-*, one "
               "denoising step with true CFG (2 DiT calls + combine + Euler step). `peak MB` = this implementation's "
               "weights + optimizer state (counted exactly) + the peak memory above that level during one step "
@@ -873,9 +886,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    _pre = argparse.ArgumentParser(add_help=False)
-    _pre.add_argument("--device", default=None)
-    _device = _pre.parse_known_args()[0].device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if _device == "cpu":
-        common.ensure_malloc_env()  # re-executes this script once with a fixed glibc mmap threshold
     sys.exit(main())
