@@ -7,6 +7,7 @@ optimizer, LR schedule, step, RNG states, data position); ``resume="latest"`` pi
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -156,6 +157,10 @@ def build_accelerator(config: TrainConfig):
     config.sharding = sharding["kind"]
     config.sharding_options = {**config.sharding_options, **{k: v for k, v in sharding.items() if k != "kind"}}
     config.check()
+    launched_with = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched_with and launched_with != config.mixed_precision:
+        logger.warning("the accelerate config says mixed_precision %s but --mixed-precision is %s; using %s",
+                       launched_with, config.mixed_precision, config.mixed_precision)
     device = resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # accelerate keeps one state per process; a second run in the same process (a notebook, the tests)
     # may ask for another precision
