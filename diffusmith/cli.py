@@ -180,6 +180,9 @@ def add_train_parser(sub, name: str = "train") -> None:
     run.add_argument("--gradient-checkpointing", action="store_true")
     run.add_argument("--gradient-checkpointing-offload", action="store_true",
                      help="checkpointing that also keeps the saved activations in CPU memory")
+    run.add_argument("--gradient-checkpointing-mode", default="full", choices=["full", "selective"],
+                     help="full: recompute whole blocks in backward (least memory); selective: keep the attention "
+                          "and matrix-product outputs, recompute only the cheap ops (faster, more memory)")
     if name == "train":
         run.add_argument("--block-swap", type=_non_negative_int, default=None, metavar="N",
                          help="keep the frozen weights of only the last N transformer blocks on the GPU; the "

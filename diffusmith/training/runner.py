@@ -73,6 +73,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     gradient_checkpointing_offload: bool = False
+    gradient_checkpointing_mode: str = "full"
     block_swap: int | None = None  # blocks whose frozen weights stay on the device; None = no block swap
     fp8_base: bool = False
     compile: bool = False
@@ -95,6 +96,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise DiffusmithError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.gradient_checkpointing_mode not in ("full", "selective"):
+            raise DiffusmithError(f"unknown --gradient-checkpointing-mode {self.gradient_checkpointing_mode!r}: "
+                                  "use full or selective")
+        if self.gradient_checkpointing_mode != "full" and not (self.gradient_checkpointing
+                                                              or self.gradient_checkpointing_offload):
+            raise DiffusmithError("--gradient-checkpointing-mode needs --gradient-checkpointing")
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise DiffusmithError(f"unknown --optimizer {self.optimizer!r}: use adamw or adamw8bit")
         if self.validate_every and not self.validation_prompts:
@@ -286,7 +293,8 @@ def train(config: TrainConfig) -> Path:
         TrainableSpec(full=config.full, rank=config.lora_rank, alpha=config.lora_alpha,
                       targets=config.lora_targets),
         LossSpec(sampling=sampling, use_gradient_checkpointing=config.gradient_checkpointing,
-                 use_gradient_checkpointing_offload=config.gradient_checkpointing_offload),
+                 use_gradient_checkpointing_offload=config.gradient_checkpointing_offload,
+                 gradient_checkpointing_mode=config.gradient_checkpointing_mode),
         cache=cache,
     )
     apply_memory_modes(config, module, accelerator.device)
