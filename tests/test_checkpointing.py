@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch._C._profiler import _EventType
 
 from diffusmith.core.checkpointing import (
     gradient_checkpoint_forward,
-    is_low_rank_product,
+    is_widening_product,
     save_expensive_ops_policy,
 )
 from diffusmith.core.lora import inject_lora
@@ -91,8 +92,8 @@ def test_selective_keeps_the_products_and_recomputes_the_rest():
 
     def block(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         calls.append(torch.is_grad_enabled())
-        h = torch.tanh(x @ w)  # full-rank product: kept
-        return h + (h @ a) @ b  # LoRA-like down (kept) and up (recomputed) projections
+        h = torch.tanh(x @ w)  # square product: kept
+        return h + (h @ a) @ b  # LoRA-like down (kept) and up (widening: recomputed) projections
 
     x = torch.randn(64, 32, requires_grad=True)
     w, a, b = torch.randn(32, 32), torch.randn(32, 2, requires_grad=True), torch.randn(2, 32, requires_grad=True)
@@ -104,7 +105,8 @@ def test_selective_keeps_the_products_and_recomputes_the_rest():
     assert calls == [True]  # the block ran again, for the elementwise ops and the up-projection
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
-    assert not is_low_rank_product(w) and not is_low_rank_product(a) and is_low_rank_product(b)
+    assert not is_widening_product(w) and not is_widening_product(a) and is_widening_product(b)
+    assert is_widening_product(torch.empty(32, 128)) and not is_widening_product(torch.empty(128, 32))
     assert save_expensive_ops_policy(None, torch.ops.aten.mm.default, x, w).name == "MUST_SAVE"
     assert save_expensive_ops_policy(None, torch.ops.aten.mm.default, x, b).name == "PREFER_RECOMPUTE"
     assert save_expensive_ops_policy(None, torch.ops.aten.tanh.default, x).name == "PREFER_RECOMPUTE"
@@ -131,3 +133,65 @@ def test_selective_under_bf16_autocast_matches_no_checkpointing():
     assert losses["selective"][0] == losses["none"][0]
     for name, grad in losses["selective"][1].items():
         torch.testing.assert_close(grad, losses["none"][1][name], rtol=0, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Norms recomputed in backward (every mode): same values and gradients as the plain functions, less kept
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _values_and_grads(fn, *inputs):
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*inputs)
+    out.float().mul(torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return out.detach(), [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("dtype, weight_dtype, autocast", [
+    (torch.float32, torch.float32, False),
+    (torch.bfloat16, torch.bfloat16, False),
+    (torch.bfloat16, torch.float32, True),
+])
+def test_rms_norm_module_equals_the_function(dtype, weight_dtype, autocast):
+    from diffusmith.models.layers import RMSNorm, rms_norm
+
+    norm = RMSNorm(16).to(weight_dtype)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 7, 3, 16).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        plain = _values_and_grads(lambda a, w: rms_norm(a, w, norm.eps), x, norm.weight)
+        x_ours = x.clone().requires_grad_(True)
+        out = norm(x_ours)
+    out.float().mul(torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    assert torch.equal(out.detach(), plain[0])
+    assert torch.equal(x_ours.grad, plain[1][0]) and torch.equal(norm.weight.grad, plain[1][1])
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_norm_modulate_recomputed_in_backward_equals_the_plain_call(dtype, autocast):
+    from diffusmith.models.layers import norm_modulate, recompute_in_backward
+
+    g = torch.Generator().manual_seed(0)
+    x, shift, scale = (torch.randn(*s, generator=g).to(dtype) for s in ((2, 9, 32), (2, 32), (2, 32)))
+    fn = functools.partial(norm_modulate, eps=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours = _values_and_grads(lambda *t: recompute_in_backward(fn, *t), x, shift, scale)
+        plain = _values_and_grads(fn, x, shift, scale)
+    assert ours[0].dtype == plain[0].dtype and torch.equal(ours[0], plain[0])
+    for got, expected in zip(ours[1], plain[1], strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_recomputed_norm_keeps_only_its_input():
+    from diffusmith.models.layers import norm_modulate, recompute_in_backward
+
+    x = torch.randn(4, 256, 64, requires_grad=True)
+    shift, scale = torch.randn(4, 64, requires_grad=True), torch.randn(4, 64, requires_grad=True)
+    fn = functools.partial(norm_modulate, eps=1e-6)
+    plain_out, plain = allocated_during(lambda: fn(x, shift, scale))
+    ours_out, ours = allocated_during(lambda: recompute_in_backward(fn, x, shift, scale))
+    # plain: the output and the norm's output (kept for the product with scale); ours: the output only
+    out_bytes = x.numel() * x.element_size()
+    assert plain >= 2 * out_bytes and ours < 1.1 * out_bytes, (plain, ours)
+    with torch.no_grad():
+        assert not recompute_in_backward(fn, x, shift, scale).requires_grad

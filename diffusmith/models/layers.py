@@ -7,8 +7,9 @@ modules that hold weights. Module attribute names follow the diffusers key layou
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,49 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine over the last dimension, then AdaLN :func:`modulate`."""
+    return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recomputation of cheap functions in backward
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _RecomputedInBackward(torch.autograd.Function):
+    """``fn(*inputs)`` that keeps only its inputs for backward; there ``fn`` runs again (under the forward's
+    autocast state) and autograd differentiates that rerun, so the gradients are those of ``fn`` itself."""
+
+    @staticmethod
+    def forward(ctx, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.fn = fn
+        ctx.device_type = next(t.device.type for t in inputs if isinstance(t, torch.Tensor))
+        ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
+        ctx.save_for_backward(*inputs)
+        return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        needs = ctx.needs_input_grad[1:]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs, strict=True)]
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+            out = ctx.fn(*inputs)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        return (None, *(next(grads) if need else None for need in needs))
+
+
+def recompute_in_backward(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    """``fn(*inputs)`` for a cheap elementwise ``fn`` whose intermediates are large (a float32 copy, a norm's
+    output that a product keeps): only the tensor ``inputs`` are kept for backward, where ``fn`` runs again.
+    Same values and gradients as calling ``fn``; a plain call when no gradient is recorded."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in inputs):
+        return fn(*inputs)
+    return _RecomputedInBackward.apply(fn, *inputs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------------------
@@ -124,7 +168,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        # rms_norm's float32 copy of x would be kept for backward: keep x instead, recompute the rest
+        return recompute_in_backward(functools.partial(rms_norm, eps=self.eps), x, self.weight)
 
 
 class GeluProjection(nn.Module):

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffusmith.core.attention import attention
@@ -27,7 +26,8 @@ from diffusmith.models.layers import (
     RMSNorm,
     TimestepMLP,
     apply_rope,
-    modulate,
+    norm_modulate,
+    recompute_in_backward,
     rope_angles,
     rope_freqs_cis,
     timestep_embedding,
@@ -266,8 +266,10 @@ class QwenImageBlock(nn.Module):
         self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.txt_mlp = FeedForward(dim, mlp_ratio * dim)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+    def _norm_modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        # the norm's output (float32 under CUDA autocast) would be kept by the product with scale: keep only
+        # x, recompute the norm in backward
+        return recompute_in_backward(functools.partial(norm_modulate, eps=self.eps), x, shift, scale)
 
     def forward(
         self,
@@ -282,16 +284,16 @@ class QwenImageBlock(nn.Module):
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(temb).chunk(6, -1)
 
         img_attn, txt_attn = self.attn(
-            modulate(self._norm(image), img_shift1, img_scale1),
-            modulate(self._norm(text), txt_shift1, txt_scale1),
+            self._norm_modulate(image, img_shift1, img_scale1),
+            self._norm_modulate(text, txt_shift1, txt_scale1),
             image_rotary_emb,
             attention_mask,
         )
         image = image + img_gate1[:, None] * img_attn
         text = text + txt_gate1[:, None] * txt_attn
 
-        image = image + img_gate2[:, None] * self.img_mlp(modulate(self._norm(image), img_shift2, img_scale2))
-        text = text + txt_gate2[:, None] * self.txt_mlp(modulate(self._norm(text), txt_shift2, txt_scale2))
+        image = image + img_gate2[:, None] * self.img_mlp(self._norm_modulate(image, img_shift2, img_scale2))
+        text = text + txt_gate2[:, None] * self.txt_mlp(self._norm_modulate(text, txt_shift2, txt_scale2))
 
         if image.dtype == torch.float16:  # the reference clips to the fp16 range
             image = image.clip(-65504, 65504)
