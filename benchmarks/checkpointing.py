@@ -13,6 +13,7 @@ weights, gradients and optimizer state), with the ratios to no checkpointing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import sys
@@ -104,11 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(common.REPO_ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--no-results", action="store_true", help="do not write the markdown file")
     parser.add_argument("--small", action="store_true", help="a smoke-test size (2 layers, 256 px)")
+    parser.add_argument("--layers", type=int, default=None, help="blocks of the model (default: run.py's 4)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("diffusmith").setLevel(logging.WARNING)
     device = torch.device(args.device)
     size = run.SMALL if args.small else run.MID
+    if args.layers:
+        size = dataclasses.replace(size, layers=args.layers)
     info = common.machine_info(device)
     torch.manual_seed(0)
     state_dict = {k: v.detach().clone() for k, v in run.diffusmith_dit(size).state_dict().items()}
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     results = measure(ctx, modes, args.runs, args.warmup)
     report = markdown(results, base, ctx, args, info, common.load_average())
     if not args.no_results:
-        common.replace_section(args.results, f"checkpointing.py:{args.device}:{args.dtype}", report)
+        common.replace_section(args.results, f"checkpointing.py:{args.device}:{args.dtype}:{size.layers}", report)
     logger.info("\n%s", report)
     return 0
 

@@ -276,12 +276,10 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
 
     if training:
         module = TrainingModule(pipe, TrainableSpec(rank=size.rank, targets=LORA_TARGETS),
-                                LossSpec(sampling=TimestepSampling(), use_gradient_checkpointing=use_gc))
+                                LossSpec(sampling=TimestepSampling(), use_gradient_checkpointing=use_gc,
+                                         gradient_checkpointing_mode=gc_mode or "full"))
         skipped = [n.rsplit(".", 1)[-1] for n in getattr(pipe.dit, "modules_without_gradient", list)()]
         notes = [f"LoRA skips the last block's {'/'.join(skipped)} (no gradient reaches them)"] if skipped else []
-        if gc_mode == "selective":  # LossSpec has no field for the mode: the benchmark binds it into model_fn
-            pipe.model_fn = functools.partial(pipe.model_fn, gradient_checkpointing_mode=gc_mode)
-            notes.append("`-sgc`: model_fn called with gradient_checkpointing_mode='selective'")
         if upcast_lora(module.trainable_parameters().values()):
             notes.append("LoRA upcast to fp32 by the benchmark (TrainingModule leaves it in the pipeline dtype)")
         optimizer = make_optimizer(module.trainable_parameters().values(), LR)
