@@ -794,7 +794,9 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
                 "exact: every allocation and free of torch's CPU allocator in the step, from torch.profiler's "
                 "memory events")
     lines += ["", "How to read: `s/step` is a training step (loss + backward + AdamW + zero_grad) or, for infer-*, one "
-              "denoising step with true CFG (2 DiT calls + combine + Euler step). `peak MB` = this implementation's "
+              "denoising step with true CFG (2 DiT calls + combine + Euler step); `-gc` recomputes whole blocks in "
+              "backward, `-sgc` (diffusmith only) checkpoints selectively: it keeps attention and product outputs and "
+              "recomputes the elementwise ops and widening products. `peak MB` = this implementation's "
               "weights + optimizer state (counted exactly) + the peak memory above that level during one step "
               f"({mem_note}). Ratios < 1 favour diffusmith. Targets: train-bf16 time <= 0.8x and memory <= 0.9x of "
               "the best peer; inference <= 0.9x diffusers. Text: "
