@@ -10,6 +10,7 @@ import torch
 from torch._C._profiler import _EventType
 
 from diffusmith.core.checkpointing import (
+    checkpoints_block,
     gradient_checkpoint_forward,
     is_widening_product,
     save_expensive_ops_policy,
@@ -27,10 +28,10 @@ MODES = {  # name: model_fn keywords
 }
 
 
-def lora_dit(dtype: torch.dtype = torch.float32) -> QwenImageDiT:
+def lora_dit(dtype: torch.dtype = torch.float32, num_layers: int = 3) -> QwenImageDiT:
     """Frozen tiny DiT with a rank-4 LoRA whose B is not zero, so that every LoRA weight gets a gradient."""
     torch.manual_seed(0)
-    model = QwenImageDiT(TINY3).to(dtype).requires_grad_(False)
+    model = QwenImageDiT(dataclasses.replace(TINY3, num_layers=num_layers)).to(dtype).requires_grad_(False)
     inject_lora(model, model.default_lora_targets, rank=4, exclude=model.modules_without_gradient())
     torch.manual_seed(1)
     for p in model.parameters():
@@ -76,13 +77,14 @@ def test_lora_gradients_equal_no_checkpointing(mode):
 
 
 def test_selective_keeps_less_than_no_checkpointing_and_more_than_full():
-    model = lora_dit()
+    model = lora_dit(num_layers=8)  # the last block is not checkpointed: enough blocks to see the others
     kept = {}
     for name in ("none", "full", "selective"):
         out, kept[name] = allocated_during(lambda n=name: model_fn_qwen_image(model, **inputs(h=16), **MODES[n]))
         out.pow(2).mean().backward()  # the kept tensors are used, and then freed
         model.zero_grad(set_to_none=True)
-    # what a tiny block keeps is mostly elementwise work (norms, rotary, GELU): selective drops most of it
+    # what a tiny block keeps is mostly elementwise work (rotary, GELU, modulation): selective drops most of
+    # it in the 7 checkpointed blocks (measured: 0.45x in all)
     assert kept["selective"] < 0.6 * kept["none"], kept
     assert kept["selective"] > kept["full"], kept  # the products' outputs are kept, not recomputed
 
@@ -110,6 +112,19 @@ def test_selective_keeps_the_products_and_recomputes_the_rest():
     assert save_expensive_ops_policy(None, torch.ops.aten.mm.default, x, w).name == "MUST_SAVE"
     assert save_expensive_ops_policy(None, torch.ops.aten.mm.default, x, b).name == "PREFER_RECOMPUTE"
     assert save_expensive_ops_policy(None, torch.ops.aten.tanh.default, x).name == "PREFER_RECOMPUTE"
+
+
+def test_selective_leaves_the_last_block_unchecked():
+    assert [checkpoints_block(i, 3, "full") for i in range(3)] == [True, True, True]
+    assert [checkpoints_block(i, 3, "selective") for i in range(3)] == [True, True, False]
+    model = lora_dit()
+    checkpointed = []
+    for block in model.transformer_blocks:
+        block.register_forward_pre_hook(lambda m, _: checkpointed.append(torch.is_grad_enabled()))
+    out = model_fn_qwen_image(model, **inputs(), **MODES["selective"])
+    runs = len(checkpointed)
+    out.sum().backward()
+    assert runs == 3 and len(checkpointed) == 5  # blocks 0 and 1 ran again in backward, block 2 did not
 
 
 def test_unknown_mode_is_refused_and_no_grad_is_a_plain_call():

@@ -12,7 +12,8 @@ Two modes say how much of a block is recomputed:
   kept (q/k/v and output projections, the MLP's down-projection); the elementwise work (norms, modulation,
   rotary embedding, GELU, casts, gates) and the products that widen their input 4x or more (the MLP's
   up-projection, whose 4x-wide output is a block's largest activation, and a LoRA's up-projection, which
-  costs rank/width of its layer) run again in backward. Measured on the mid-size benchmark model (CPU):
+  costs rank/width of its layer) run again in backward, and the last block is not checkpointed (see
+  :func:`checkpoints_block`). Measured on the mid-size benchmark model (CPU):
   about half the activations of no checkpointing at about 1.2x its time, where ``"full"`` gives 0.3x at
   1.4x (benchmarks/RESULTS.md).
 """
@@ -64,6 +65,14 @@ def save_expensive_ops_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> C
         mat2 = args[2] if op in _PRODUCTS_WITH_BIAS else args[1]
         return CheckpointPolicy.PREFER_RECOMPUTE if is_widening_product(mat2) else CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoints_block(index: int, num_blocks: int, mode: str) -> bool:
+    """Whether a model checkpoints its repeated block ``index`` (of ``num_blocks``) when checkpointing is on:
+    every block under ``"full"``; all but the last under ``"selective"``. The last block's recomputation is
+    the first thing backward does, at the memory peak, and it needs as much memory there as keeping the
+    block's activations does: skipping it saves its recomputation time and no memory."""
+    return mode == "full" or index < num_blocks - 1
 
 
 def check_checkpointing_mode(mode: str) -> str:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from diffusmith.core.attention import attention
-from diffusmith.core.checkpointing import gradient_checkpoint_forward
+from diffusmith.core.checkpointing import check_checkpointing_mode, checkpoints_block, gradient_checkpoint_forward
 from diffusmith.errors import DiffusmithError
 from diffusmith.models.layers import (
     AdaLayerNormOut,
@@ -366,8 +366,8 @@ class QwenImageDiT(nn.Module):
             use_gradient_checkpointing: recompute each block in backward instead of keeping activations.
             use_gradient_checkpointing_offload: also keep the checkpointed block inputs in CPU memory.
             gradient_checkpointing_mode: ``"full"`` recomputes each checkpointed block whole; ``"selective"``
-                keeps its matmul and attention outputs and recomputes only the elementwise work (see
-                :mod:`diffusmith.core.checkpointing`).
+                keeps its matmul and attention outputs and recomputes only the elementwise work, and leaves the
+                last block unchecked (see :mod:`diffusmith.core.checkpointing`).
 
         Returns:
             ``(B, out_channels, h, w)`` velocity in the model's dtype.
@@ -390,11 +390,13 @@ class QwenImageDiT(nn.Module):
             image_keys = torch.ones(batch, image.shape[1], dtype=torch.bool, device=image.device)
             mask = torch.cat([text_mask.to(device=image.device, dtype=torch.bool), image_keys], dim=1)  # (B, T+N)
 
-        for block in self.transformer_blocks:
+        num_blocks = len(self.transformer_blocks)
+        for index, block in enumerate(self.transformer_blocks):
+            checkpointed = checkpoints_block(index, num_blocks, check_checkpointing_mode(gradient_checkpointing_mode))
             text, image = gradient_checkpoint_forward(
                 block,
-                use_gradient_checkpointing,
-                use_gradient_checkpointing_offload,
+                use_gradient_checkpointing and checkpointed,
+                use_gradient_checkpointing_offload and checkpointed,
                 gradient_checkpointing_mode=gradient_checkpointing_mode,
                 image=image,
                 text=text,
