@@ -94,6 +94,7 @@ def run(args) -> dict:
     valid = args.text_valid or args.text_len
     result: dict = {
         "mode": "infer" if args.infer else "train",
+        "gc_mode": "none" if args.no_gc else args.gc_mode,
         "device": name,
         "torch": torch.__version__,
         "layers": cfg.num_layers,
@@ -147,9 +148,14 @@ def run(args) -> dict:
         from diffusmith.training.module import LossSpec, TrainableSpec, TrainingModule
         from diffusmith.training.optim import make_optimizer
 
-        step_flops, hw_flops = 3 * forward_flops, (3 if args.no_gc else 4) * forward_flops
+        step_flops = 3 * forward_flops
+        # whole-block recomputation runs the forward again; selective recomputation runs a part of it that
+        # this script does not count (the hardware-FLOPs column is left empty then)
+        hw_flops = {"none": 3 * forward_flops, "full": 4 * forward_flops}.get(
+            "none" if args.no_gc else args.gc_mode)
         module = TrainingModule(pipe, TrainableSpec(rank=args.rank),
-                                LossSpec(sampling=TimestepSampling(), use_gradient_checkpointing=not args.no_gc))
+                                LossSpec(sampling=TimestepSampling(), use_gradient_checkpointing=not args.no_gc,
+                                         gradient_checkpointing_mode=args.gc_mode))
         params = list(module.trainable_parameters().values())
         lora_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
         if args.lora_dtype == "fp32":
@@ -228,7 +234,7 @@ def run(args) -> dict:
     peak_bf16 = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(name)
     result["peak_bf16_tflops"] = peak_bf16 / 1e12 if peak_bf16 else None
     result["mfu"] = step_flops / step_s / peak_bf16 if peak_bf16 else None
-    result["mfu_hw"] = hw_flops / step_s / peak_bf16 if peak_bf16 else None
+    result["mfu_hw"] = hw_flops / step_s / peak_bf16 if peak_bf16 and hw_flops else None
     if swap is not None:
         result["swap_stats"] = dict(swap.stats)
     return result
@@ -247,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--lora-dtype", choices=["fp32", "as-is"], default="fp32")
     parser.add_argument("--no-gc", action="store_true", help="train without gradient checkpointing")
+    parser.add_argument("--gc-mode", choices=["full", "selective"], default="full",
+                        help="gradient checkpointing mode (--gradient-checkpointing-mode of the trainer)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if unknown")
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (--compile)")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
@@ -275,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.results:
-        tag = f"gpu.py:{result['mode']}" + (f"-swap{args.block_swap}" if args.block_swap is not None else "")
+        tag = (f"gpu.py:{result['mode']}" + (f"-swap{args.block_swap}" if args.block_swap is not None else "")
+               + ("-selective" if args.gc_mode == "selective" and not args.infer else ""))
         common.replace_section(args.results, tag, markdown(result))
     return code
 
@@ -294,7 +303,8 @@ def markdown(r: dict) -> str:
         f"{r['device']}, torch {r['torch']}; {r['layers']} blocks ({r['params_b']:.2f}B parameters, bf16, "
         f"{r['weights_gb']:.1f} GiB), {r['pixels']}x{r['pixels']} ({r['image_tokens']} image tokens), text "
         f"{r['text_tokens']} tokens, batch 1" + (f", LoRA {r['lora_params_m']:.1f}M ({r['lora_dtype']}), "
-                                                 "gradient checkpointing, AdamW" if r["mode"] == "train" else "")
+                                                 f"gradient checkpointing {r.get('gc_mode', 'full')}, AdamW"
+                                                 if r["mode"] == "train" else "")
         + f". `{r['command']}`", "",
         "| s/step (median) | steps | peak GPU GiB | TFLOP/s | MFU | MFU incl. recompute | forward TFLOP |",
         "|---|---|---|---|---|---|---|",

@@ -25,6 +25,10 @@ timeout 100 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
 
 # 2. real size (60 blocks, 20.4B, bf16), 1024x1024, LoRA rank 32, gradient checkpointing, AdamW
 timeout 80 python3 benchmarks/gpu.py --json "$OUT/gpu_real.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+timeout 80 python3 benchmarks/gpu.py --gc-mode selective --json "$OUT/gpu_real_sgc.json" \
+  --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+timeout 60 python3 benchmarks/checkpointing.py --device cuda --runs 10 --warmup 3 \
+  --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 
 # 3. the same with block swap: 22 blocks on the GPU = 22 x 0.68 GB = 15 GB of block weights (~16 GB budget);
 #    the other 38 blocks (26 GB) wait in pinned host memory
