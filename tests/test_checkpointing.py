@@ -7,6 +7,7 @@ import functools
 
 import pytest
 import torch
+from test_memory import lora_dit as memory_lora_dit
 from torch._C._profiler import _EventType
 
 from diffusmith.core.checkpointing import (
@@ -15,7 +16,6 @@ from diffusmith.core.checkpointing import (
     is_widening_product,
     save_expensive_ops_policy,
 )
-from diffusmith.core.lora import inject_lora
 from diffusmith.models.qwen_image.dit import PRESETS, QwenImageDiT
 from diffusmith.pipelines.qwen_image import model_fn_qwen_image
 
@@ -30,14 +30,7 @@ MODES = {  # name: model_fn keywords
 
 def lora_dit(dtype: torch.dtype = torch.float32, num_layers: int = 3) -> QwenImageDiT:
     """Frozen tiny DiT with a rank-4 LoRA whose B is not zero, so that every LoRA weight gets a gradient."""
-    torch.manual_seed(0)
-    model = QwenImageDiT(dataclasses.replace(TINY3, num_layers=num_layers)).to(dtype).requires_grad_(False)
-    inject_lora(model, model.default_lora_targets, rank=4, exclude=model.modules_without_gradient())
-    torch.manual_seed(1)
-    for p in model.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.1)
-    return model
+    return memory_lora_dit(dataclasses.replace(TINY3, num_layers=num_layers), dtype)
 
 
 def inputs(h: int = 8, text_len: int = 5):
