@@ -126,6 +126,7 @@ def test_a_sharded_checkpoint_resumes_only_as_it_was_saved(tmp_path):
     (["--sharding", "fsdp", "--block-swap", "1"], "--block-swap does not work with --sharding fsdp"),
     (["--sharding", "fsdp", "--mixed-precision", "fp16"], "bf16 or no, not fp16"),
     (["--sharding", "zero3"], "invalid choice"),
+    (["--sharding", "deepspeed-zero2"], "splits the model over several processes; add --num-processes N"),
 ])
 def test_sharding_mistakes_are_one_line(tiny_qwen, tmp_path, capsys, extra, match):
     data = make_dataset(tmp_path / "data")

@@ -172,7 +172,11 @@ def build_accelerator(config: TrainConfig):
     # accelerate keeps one state per process; a second run in the same process (a notebook, the tests)
     # may ask for another precision
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
+    if config.sharding != "none" and accelerator.num_processes == 1:
+        raise DiffusmithError(f"--sharding {config.sharding} splits the model over several processes; add "
+                              "--num-processes N (or start them with accelerate launch), or drop --sharding")
+    return accelerator
 
 
 def build_pipeline(config: TrainConfig, device: torch.device, models=None):
