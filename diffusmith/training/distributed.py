@@ -40,20 +40,27 @@ SHARDING = ("none", "fsdp", "deepspeed-zero1", "deepspeed-zero2")
 _TRUE = ("true", "1", "yes")
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a tensor FSDP split over the processes (a DTensor)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support shards nothing
+        return False
+    return isinstance(tensor, DTensor)
+
+
 def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A sharded (FSDP) tensor gathered whole; any other tensor as it is. Every process must call it."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
 def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``value`` (a whole tensor every process holds) cut the way ``param`` is sharded; as it is when
     ``param`` is not sharded."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not isinstance(param, DTensor):
+    if not is_sharded(param):
         return value
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
                              src_data_rank=None)  # every process has the data: no communication
 

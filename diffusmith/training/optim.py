@@ -34,12 +34,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay
 def _can_fuse(params: list[torch.nn.Parameter]) -> bool:
     """torch's fused AdamW (one kernel for all parameters instead of ~10 per parameter: a LoRA has hundreds)
     takes plain floating-point tensors on the CPU or a CUDA device; FSDP's sharded parameters keep the default."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support
-        DTensor = ()  # noqa: N806
+    from .distributed import is_sharded
 
-    return all(not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") and p.is_floating_point()
+    return all(not is_sharded(p) and p.device.type in ("cpu", "cuda") and p.is_floating_point()
                for p in params) and len({p.device for p in params}) == 1
 
 
