@@ -53,12 +53,16 @@ MODES = {
     "train-fp32": (True, torch.float32, None),
     "train-fp32-gc": (True, torch.float32, "full"),
     "train-fp32-sgc": (True, torch.float32, "selective"),
+    "train-bf16-compile": (True, torch.bfloat16, None),
     "infer-bf16": (False, torch.bfloat16, None),
     "infer-fp32": (False, torch.float32, None),
 }
 # Selective checkpointing (keep matmul/attention outputs, recompute the elementwise ops) exists in diffusmith
 # only: diffusers' enable_gradient_checkpointing and diffsynth's flag recompute whole blocks.
-ONLY_DIFFUSMITH = {mode for mode, (_, _, gc) in MODES.items() if gc == "selective"}
+# `-compile`: diffusmith's --compile (torch.compile of the repeated block), compared with the peers' eager step
+# of the same precision: neither peer's trainer compiles.
+COMPILED = {"train-bf16-compile": "train-bf16"}
+ONLY_DIFFUSMITH = {mode for mode, (_, _, gc) in MODES.items() if gc == "selective"} | set(COMPILED)
 # The same LoRA targets in all three (peft suffix matching; the module names are the checkpoint's in all three):
 # attention of both streams, both MLPs, both AdaLN modulations: diffusmith's default list.
 LORA_TARGETS = (
@@ -262,6 +266,7 @@ def upcast_lora(params) -> bool:
 
 
 def build_diffusmith(ctx: Context, mode: str) -> Runner:
+    from diffusmith.core.memory import compile_repeated_blocks
     from diffusmith.pipelines.qwen_image import QwenImagePipeline, QwenImageUnit_NoiseInitializer, cfg_combine
     from diffusmith.schedulers.flow_match import TimestepSampling
     from diffusmith.training.module import LossSpec, TrainableSpec, TrainingModule
@@ -282,6 +287,8 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
         notes = [f"LoRA skips the last block's {'/'.join(skipped)} (no gradient reaches them)"] if skipped else []
         if upcast_lora(module.trainable_parameters().values()):
             notes.append("LoRA upcast to fp32 by the benchmark (TrainingModule leaves it in the pipeline dtype)")
+        if mode in COMPILED:
+            compile_repeated_blocks(pipe.dit)  # what `diffusmith train --compile` does, after the LoRA
         optimizer = make_optimizer(module.trainable_parameters().values(), LR)
         x0 = ctx.cast(inp.x0, dtype)
         noise_unit = QwenImageUnit_NoiseInitializer()  # what the trainer's units give each step: fresh noise
@@ -630,6 +637,8 @@ def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, 
             results[name] = {"error": f"setup: {type(e).__name__}: {e}"}
     times: dict[str, list[float]] = {name: [] for name in runners}
     last: dict[str, float] = {}
+    if mode in COMPILED:
+        warmup = max(warmup, 3)  # the first steps compile the block's forward and backward
     for r in range(warmup + runs):
         order = list(runners)
         order = order[r % len(order):] + order[:r % len(order)] if order else order
@@ -657,7 +666,7 @@ def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, 
             delta = max(delta, peak.delta)
         saved = None
         training, _, gc_mode = MODES[mode]
-        if training and gc_mode is None:  # exact, and blind to other load: what autograd keeps for backward
+        if training and gc_mode is None and mode not in COMPILED:  # exact, blind to load: kept for backward
             with common.SavedTensors(runner.model) as hook:
                 runner.step()
             saved = hook.bytes / common.MB
@@ -735,19 +744,21 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
     ]
     for mode in modes:
         row = results_by_mode(results, mode, impls)
+        peer_row = results_by_mode(results, COMPILED.get(mode, mode), impls)  # a compiled step vs their eager one
         peers = [n for n in impls if n != "diffusmith"]
-        t_ratio = _ratio(row["diffusmith"]["step_s"], [row[n]["step_s"] for n in peers]) if "diffusmith" in row \
-            else "-"
-        m_ratio = _ratio(row["diffusmith"]["peak_mb"], [row[n]["peak_mb"] for n in peers]) if "diffusmith" in row \
-            else "-"
+        t_ratio = _ratio(row["diffusmith"]["step_s"], [peer_row[n]["step_s"] for n in peers]) \
+            if "diffusmith" in row else "-"
+        m_ratio = _ratio(row["diffusmith"]["peak_mb"], [peer_row[n]["peak_mb"] for n in peers]) \
+            if "diffusmith" in row else "-"
         lines.append(f"| {mode} | " + " | ".join(_fmt(row[n]["step_s"]) for n in impls) + f" | {t_ratio} | "
                      + " | ".join(_fmt(row[n]["peak_mb"], 0) for n in impls) + f" | {m_ratio} |")
     lines += ["", "Fastest step (s; less sensitive than the median to other load on a shared machine):", "",
               "| mode | " + " | ".join(impls) + " | ours / best peer |", "|" + "---|" * (len(impls) + 2)]
     for mode in modes:
         fastest = {n: results.get(n, {}).get(mode, {}).get("step_s_min") for n in impls}
-        ratio = _ratio(fastest.get("diffusmith"), [fastest[n] for n in impls if n != "diffusmith"]) \
-            if "diffusmith" in fastest else "-"
+        peer_mode = COMPILED.get(mode, mode)
+        peer_fastest = [results.get(n, {}).get(peer_mode, {}).get("step_s_min") for n in impls if n != "diffusmith"]
+        ratio = _ratio(fastest.get("diffusmith"), peer_fastest) if "diffusmith" in fastest else "-"
         lines.append(f"| {mode} | " + " | ".join(_fmt(fastest[n]) for n in impls) + f" | {ratio} |")
     errors = [f"{n} {m}: {results[n][m]['error']}" for n in impls for m in modes
               if "error" in results.get(n, {}).get(m, {})]
@@ -796,7 +807,9 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
     lines += ["", "How to read: `s/step` is a training step (loss + backward + AdamW + zero_grad) or, for infer-*, one "
               "denoising step with true CFG (2 DiT calls + combine + Euler step); `-gc` recomputes whole blocks in "
               "backward, `-sgc` (diffusmith only) checkpoints selectively: it keeps attention and product outputs and "
-              "recomputes the elementwise ops and widening products. `peak MB` = this implementation's "
+              "recomputes the elementwise ops and widening products; `train-bf16-compile` (diffusmith only) is "
+              "`--compile` (torch.compile of each block; its ratios are against the peers' eager train-bf16 step). "
+              "`peak MB` = this implementation's "
               "weights + optimizer state (counted exactly) + the peak memory above that level during one step "
               f"({mem_note}). Ratios < 1 favour diffusmith. Targets: train-bf16 time <= 0.8x and memory <= 0.9x of "
               "the best peer; inference <= 0.9x diffusers. Text: "
