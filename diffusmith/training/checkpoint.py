@@ -302,17 +302,18 @@ def write_optimizer_shard(directory: str | os.PathLike, rank: int, optimizer: An
     return _save_tensors_atomically(tensors, directory / _optimizer_shard_name(rank), metadata)
 
 
-def _read_optimizer_shard(path: Path) -> dict:
+def _read_with_metadata(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+
+
+def _read_optimizer_shard(path: Path) -> dict:
+    tensors, metadata = _read_with_metadata(path)
     return optimizer_state_from_tensors(tensors, json.loads(metadata["state"]))
 
 
 def _restore_rng(path: Path) -> None:
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    tensors, metadata = _read_with_metadata(path)
     random.setstate(_decode(json.loads(metadata["python_random"]), None))
     np.random.set_state(_decode(json.loads(metadata["numpy_random"]), None))
     torch.set_rng_state(tensors["torch.cpu"])

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..core.checkpointing import CHECKPOINTING_MODES
 from ..core.devices import resolve_device
 from ..errors import DiffusmithError
 from ..schedulers.flow_match import TimestepSampling
@@ -96,9 +97,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise DiffusmithError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.gradient_checkpointing_mode not in ("full", "selective"):
+        if self.gradient_checkpointing_mode not in CHECKPOINTING_MODES:
             raise DiffusmithError(f"unknown --gradient-checkpointing-mode {self.gradient_checkpointing_mode!r}: "
-                                  "use full or selective")
+                                  f"use {' or '.join(CHECKPOINTING_MODES)}")
         if self.gradient_checkpointing_mode != "full" and not (self.gradient_checkpointing
                                                               or self.gradient_checkpointing_offload):
             raise DiffusmithError("--gradient-checkpointing-mode needs --gradient-checkpointing")

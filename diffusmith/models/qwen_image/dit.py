@@ -391,8 +391,9 @@ class QwenImageDiT(nn.Module):
             mask = torch.cat([text_mask.to(device=image.device, dtype=torch.bool), image_keys], dim=1)  # (B, T+N)
 
         num_blocks = len(self.transformer_blocks)
+        check_checkpointing_mode(gradient_checkpointing_mode)
         for index, block in enumerate(self.transformer_blocks):
-            checkpointed = checkpoints_block(index, num_blocks, check_checkpointing_mode(gradient_checkpointing_mode))
+            checkpointed = checkpoints_block(index, num_blocks, gradient_checkpointing_mode)
             text, image = gradient_checkpoint_forward(
                 block,
                 use_gradient_checkpointing and checkpointed,
