@@ -148,8 +148,11 @@ class _RecomputedInBackward(torch.autograd.Function):
 def recompute_in_backward(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
     """``fn(*inputs)`` for a cheap elementwise ``fn`` whose intermediates are large (a float32 copy, a norm's
     output that a product keeps): only the tensor ``inputs`` are kept for backward, where ``fn`` runs again.
-    Same values and gradients as calling ``fn``; a plain call when no gradient is recorded."""
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in inputs):
+    Same values and gradients as calling ``fn``; a plain call when no gradient is recorded, and while
+    torch.compile traces (its partitioner chooses what to recompute, and the rerun in backward would break
+    the graph)."""
+    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
+            or not any(t.requires_grad for t in inputs)):
         return fn(*inputs)
     return _RecomputedInBackward.apply(fn, *inputs)
 
