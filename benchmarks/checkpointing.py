@@ -8,6 +8,7 @@ weights, gradients and optimizer state), with the ratios to no checkpointing.
 
     python benchmarks/checkpointing.py [--device cpu|cuda] [--dtype bf16|fp32] [--runs 7] [--warmup 1]
                                        [--results benchmarks/RESULTS.md] [--no-results] [--small]
+                                       [--layers N] [--compile]
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def measure(ctx: run.Context, modes: list[str], runs: int, warmup: int) -> dict[
 def markdown(results: dict[str, dict], base: str, ctx: run.Context, args, info: dict, load_end: str) -> str:
     device = "GPU" if args.device == "cuda" else "CPU"
     lines = [
-        f"### Gradient checkpointing modes, diffusmith LoRA step ({device}, {args.dtype})",
+        f"### Gradient checkpointing modes, diffusmith LoRA step ({device}, {args.dtype}"
+        f"{', --compile' if args.compile else ''})",
         "",
         f"{info['date']}; torch {info['torch']}; {info.get('gpu', info['cpu'])}; load average {info['load']} at "
         f"the start, {load_end} at the end. Command: `python benchmarks/checkpointing.py "
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-results", action="store_true", help="do not write the markdown file")
     parser.add_argument("--small", action="store_true", help="a smoke-test size (2 layers, 256 px)")
     parser.add_argument("--layers", type=int, default=None, help="blocks of the model (default: run.py's 4)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the same three modes with diffusmith's --compile (bf16 only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("diffusmith").setLevel(logging.WARNING)
@@ -117,12 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     state_dict = {k: v.detach().clone() for k, v in run.diffusmith_dit(size).state_dict().items()}
     ctx = run.Context(size, device, state_dict, run.make_inputs(size))
-    base = f"train-{args.dtype}"
-    modes = [base, f"{base}-gc", f"{base}-sgc"]
+    if args.compile and args.dtype != "bf16":
+        parser.error("--compile is measured in bf16 only")
+    suffix = "-compile" if args.compile else ""
+    if args.compile:
+        args.warmup = max(args.warmup, 3)  # the first steps compile the block's forward and backward
+    base = f"train-{args.dtype}{suffix}"
+    modes = [base, f"train-{args.dtype}-gc{suffix}", f"train-{args.dtype}-sgc{suffix}"]
     results = measure(ctx, modes, args.runs, args.warmup)
     report = markdown(results, base, ctx, args, info, common.load_average())
     if not args.no_results:
-        common.replace_section(args.results, f"checkpointing.py:{args.device}:{args.dtype}:{size.layers}", report)
+        common.replace_section(args.results, f"checkpointing.py:{args.device}:{args.dtype}{suffix}:{size.layers}",
+                               report)
     logger.info("\n%s", report)
     return 0
 

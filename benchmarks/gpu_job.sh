@@ -2,9 +2,9 @@
 # The GPU benchmark job: run from the repository root on the GPU machine, with .whl/ carried along
 # (diffusers, diffsynth and the pure-Python packages they need that the machine lacks) and $OUT set.
 # Everything it learns goes to $OUT: bench_gpu.json, RESULTS_gpu.md, gpu_real*.json, gpu_swap.json,
-# gpu_infer.json, log.txt. Each command has its own time limit; all of them add up to about 11 minutes, more
+# gpu_infer.json, log.txt. Each command has its own time limit; all of them add up to about 13 minutes, more
 # than one device call may take, so `PART=1 bash benchmarks/gpu_job.sh` runs the checks and the side-by-side
-# (about 5 minutes at most) and `PART=2 ...` the real-size runs (about 6); no PART runs both.
+# (about 8 minutes at most) and `PART=2 ...` the real-size runs (about 6); no PART runs both.
 set -x
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/diffusmith-bench}
@@ -22,12 +22,14 @@ timeout 80 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_memory.py te
 
 PART=${PART:-all}
 if [ "$PART" != 2 ]; then
-# 1. side by side (mid-size model, all modes, 3 implementations): about a minute, plus the first compile of
-#    the block for train-bf16-compile
-timeout 170 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
+# 1. side by side (mid-size model, all modes, 3 implementations): about a minute, plus the first compiles of
+#    the block for the three -compile modes
+timeout 240 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
   --json "$OUT/bench_gpu.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 
 timeout 60 python3 benchmarks/checkpointing.py --device cuda --runs 10 --warmup 3 \
+  --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+timeout 90 python3 benchmarks/checkpointing.py --device cuda --compile --runs 10 --warmup 3 \
   --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 fi
 

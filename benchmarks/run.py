@@ -54,14 +54,16 @@ MODES = {
     "train-fp32-gc": (True, torch.float32, "full"),
     "train-fp32-sgc": (True, torch.float32, "selective"),
     "train-bf16-compile": (True, torch.bfloat16, None),
+    "train-bf16-gc-compile": (True, torch.bfloat16, "full"),
+    "train-bf16-sgc-compile": (True, torch.bfloat16, "selective"),
     "infer-bf16": (False, torch.bfloat16, None),
     "infer-fp32": (False, torch.float32, None),
 }
 # Selective checkpointing (keep matmul/attention outputs, recompute the elementwise ops) exists in diffusmith
 # only: diffusers' enable_gradient_checkpointing and diffsynth's flag recompute whole blocks.
 # `-compile`: diffusmith's --compile (torch.compile of the repeated block), compared with the peers' eager step
-# of the same precision: neither peer's trainer compiles.
-COMPILED = {"train-bf16-compile": "train-bf16"}
+# of the same precision and checkpointing: neither peer's trainer compiles.
+COMPILED = {mode: mode.removesuffix("-compile") for mode in MODES if mode.endswith("-compile")}
 ONLY_DIFFUSMITH = {mode for mode, (_, _, gc) in MODES.items() if gc == "selective"} | set(COMPILED)
 # The same LoRA targets in all three (peft suffix matching; the module names are the checkpoint's in all three):
 # attention of both streams, both MLPs, both AdaLN modulations: diffusmith's default list.
@@ -765,8 +767,8 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
     if errors:
         lines += ["", "Failures: " + "; ".join(errors)]
 
-    pairs = [(a, b) for a in ("train-bf16", "train-fp32") for b in (f"{a}-gc", f"{a}-sgc")
-             if a in modes and b in modes]
+    pairs = [(without_checkpointing(b), b) for b in modes
+             if MODES[b][2] is not None and without_checkpointing(b) in modes]
     if pairs:
         lines += ["", "Gradient checkpointing: activation memory = peak - (weights + gradients + optimizer state); "
                   "target for diffusmith: activations with checkpointing <= 0.5x of without, at <= 1.25x the time.",
@@ -807,8 +809,9 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
     lines += ["", "How to read: `s/step` is a training step (loss + backward + AdamW + zero_grad) or, for infer-*, one "
               "denoising step with true CFG (2 DiT calls + combine + Euler step); `-gc` recomputes whole blocks in "
               "backward, `-sgc` (diffusmith only) checkpoints selectively: it keeps attention and product outputs and "
-              "recomputes the elementwise ops and widening products; `train-bf16-compile` (diffusmith only) is "
-              "`--compile` (torch.compile of each block; its ratios are against the peers' eager train-bf16 step). "
+              "recomputes the elementwise ops and widening products; `-compile` (diffusmith only) is "
+              "`--compile` (torch.compile of each block; its ratios are against the peers' eager step of the same "
+              "precision and checkpointing). "
               "`peak MB` = this implementation's "
               "weights + optimizer state (counted exactly) + the peak memory above that level during one step "
               f"({mem_note}). Ratios < 1 favour diffusmith. Targets: train-bf16 time <= 0.8x and memory <= 0.9x of "
@@ -820,6 +823,11 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
                  "all-ones mask), the real tokens with an all-ones mask that only sets the text length (diffsynth)."
                  )]
     return "\n".join(lines)
+
+
+def without_checkpointing(mode: str) -> str:
+    """``train-bf16-sgc-compile`` -> ``train-bf16-compile``: the mode a checkpointing mode is compared with."""
+    return mode.replace("-sgc", "").replace("-gc", "")
 
 
 def results_by_mode(results: dict, mode: str, impls: list[str]) -> dict:
