@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.results:
         tag = (f"gpu.py:{result['mode']}" + (f"-swap{args.block_swap}" if args.block_swap is not None else "")
-               + ("-selective" if args.gc_mode == "selective" and not args.infer else ""))
+               + ("-selective" if args.gc_mode == "selective" and not args.infer else "")
+               + ("-compile" if args.compile else ""))
         common.replace_section(args.results, tag, markdown(result))
     return code
 

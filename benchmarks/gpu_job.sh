@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
 # The GPU benchmark job: run from the repository root on the GPU machine, with .whl/ carried along
 # (diffusers, diffsynth and the pure-Python packages they need that the machine lacks) and $OUT set.
-# Everything it learns goes to $OUT: bench_gpu.json, RESULTS_gpu.md, gpu_real*.json, gpu_swap.json,
-# gpu_infer.json, log.txt. Each command has its own time limit; all of them add up to about 13 minutes, more
-# than one device call may take, so `PART=1 bash benchmarks/gpu_job.sh` runs the checks and the side-by-side
-# (about 8 minutes at most) and `PART=2 ...` the real-size runs (about 6); no PART runs both.
+# Everything it learns goes to $OUT: bench_gpu.json, RESULTS_gpu.md, gpu_*.json, log.txt. Each command has its
+# own time limit; one device call may take 10 minutes, so the job comes in parts, each under that:
+#   PART=1  the GPU checks (pytest -m gpu) and the mid-size side by side, eager and compiled (about 8 minutes)
+#   PART=2  real size (60 blocks, 20.4B) eager: whole-block and selective checkpointing, block swap, inference
+#           (about 6 minutes)
+#   PART=3  real size compiled (--compile): the same training and inference steps (about 5 minutes)
+# PART=all (the default) runs all three one after the other.
 set -x
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/diffusmith-bench}
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
+PART=${PART:-all}
+part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; free -g; nproc;
   python3 -c "import importlib.metadata as m; print({p: m.version(p) for p in ('torch', 'diffusers', 'diffsynth', 'transformers', 'peft', 'einops')})"; } 2>&1 | tee -a "$LOG"
 
-# 0. the checks that need a GPU (real device placement, bf16 on CUDA, block swap, CUDA RNG in checkpoints)
+if part 1; then
+# the checks that need a GPU (real device placement, bf16 on CUDA, block swap, CUDA RNG in checkpoints)
 timeout 80 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_memory.py tests/test_checkpoint.py \
   -p no:cacheprovider 2>&1 | tee -a "$LOG"
 
-PART=${PART:-all}
-if [ "$PART" != 2 ]; then
-# 1. side by side (mid-size model, all modes, 3 implementations): about a minute, plus the first compiles of
-#    the block for the three -compile modes
+# side by side (mid-size model, all modes, 3 implementations): about a minute, plus the first compiles of the
+# block in the -compile modes
 timeout 240 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
   --json "$OUT/bench_gpu.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 
@@ -33,19 +37,29 @@ timeout 90 python3 benchmarks/checkpointing.py --device cuda --compile --runs 10
   --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 fi
 
-if [ "$PART" != 1 ]; then
-# 2. real size (60 blocks, 20.4B, bf16), 1024x1024, LoRA rank 32, gradient checkpointing, AdamW
+if part 2; then
+# real size (60 blocks, 20.4B, bf16), 1024x1024, LoRA rank 32, gradient checkpointing, AdamW
 timeout 80 python3 benchmarks/gpu.py --json "$OUT/gpu_real.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 timeout 80 python3 benchmarks/gpu.py --gc-mode selective --json "$OUT/gpu_real_sgc.json" \
   --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 
-# 3. the same with block swap: 22 blocks on the GPU = 22 x 0.68 GB = 15 GB of block weights (~16 GB budget);
-#    the other 38 blocks (26 GB) wait in pinned host memory
+# the same with block swap: 22 blocks on the GPU = 22 x 0.68 GB = 15 GB of block weights (~16 GB budget);
+# the other 38 blocks (26 GB) wait in pinned host memory
 timeout 100 python3 benchmarks/gpu.py --block-swap 22 --json "$OUT/gpu_swap.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 
-# 4. real-size inference step (bf16, true CFG: two DiT calls + combine + Euler step)
+# real-size inference step (bf16, true CFG: two DiT calls + combine + Euler step)
 timeout 50 python3 benchmarks/gpu.py --infer --json "$OUT/gpu_infer.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+fi
 
+if part 3; then
+# real size with --compile: the MFU target's run (selective checkpointing recomputes the least), whole blocks,
+# and inference; the first steps compile the block (warm-up 3)
+timeout 110 python3 benchmarks/gpu.py --compile --gc-mode selective --warmup 3 --json "$OUT/gpu_real_sgc_compile.json" \
+  --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+timeout 110 python3 benchmarks/gpu.py --compile --warmup 3 --json "$OUT/gpu_real_compile.json" \
+  --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+timeout 80 python3 benchmarks/gpu.py --infer --compile --warmup 3 --json "$OUT/gpu_infer_compile.json" \
+  --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 fi
 
 ls -la "$OUT"

@@ -58,13 +58,25 @@ MODES = {
     "train-bf16-sgc-compile": (True, torch.bfloat16, "selective"),
     "infer-bf16": (False, torch.bfloat16, None),
     "infer-fp32": (False, torch.float32, None),
+    "infer-bf16-compile": (False, torch.bfloat16, None),
 }
 # Selective checkpointing (keep matmul/attention outputs, recompute the elementwise ops) exists in diffusmith
 # only: diffusers' enable_gradient_checkpointing and diffsynth's flag recompute whole blocks.
-# `-compile`: diffusmith's --compile (torch.compile of the repeated block), compared with the peers' eager step
-# of the same precision and checkpointing: neither peer's trainer compiles.
+# `-compile`: diffusmith's --compile (torch.compile of each repeated block). Neither peer's trainer compiles;
+# diffusers has the same regional compilation (`compile_repeated_blocks`), which runs for it in these modes. The
+# ratios take the best peer of the eager mode (COMPILED's value) and of the compiled one.
 COMPILED = {mode: mode.removesuffix("-compile") for mode in MODES if mode.endswith("-compile")}
-ONLY_DIFFUSMITH = {mode for mode, (_, _, gc) in MODES.items() if gc == "selective"} | set(COMPILED)
+DIFFUSERS_COMPILES = {"train-bf16-compile", "infer-bf16-compile"}
+
+
+def supports(impl: str, mode: str) -> bool:
+    """Whether ``impl`` runs in ``mode``: selective checkpointing is diffusmith's only; the compiled modes are
+    diffusmith's and, where it has them, diffusers'."""
+    if MODES[mode][2] == "selective":
+        return impl == "diffusmith"
+    if mode in COMPILED:
+        return impl == "diffusmith" or (impl == "diffusers" and mode in DIFFUSERS_COMPILES)
+    return True
 # The same LoRA targets in all three (peft suffix matching; the module names are the checkpoint's in all three):
 # attention of both streams, both MLPs, both AdaLN modulations: diffusmith's default list.
 LORA_TARGETS = (
@@ -307,6 +319,8 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
         return Runner(train_step, pipe.dit, optimizer, notes)
 
     pipe.dit.eval()
+    if mode in COMPILED:
+        pipe.compile()  # what `diffusmith generate --compile` does
     neg, neg_mask = ctx.prompt_inputs("diffusmith", inp.neg, dtype)
     pipe.scheduler.set_timesteps(1000, image_seq_len=size.image_tokens, device=ctx.device)
     state = {"latents": ctx.cast(inp.noise, dtype), "i": 0}
@@ -389,6 +403,8 @@ def build_diffusers(ctx: Context, mode: str) -> Runner:
         transformer.add_adapter(LoraConfig(r=size.rank, lora_alpha=size.rank, init_lora_weights="gaussian",
                                            target_modules=list(LORA_TARGETS)))
         transformer.train()
+        if mode in COMPILED:
+            transformer.compile_repeated_blocks()  # diffusers' regional compilation, after the adapter
         params = [p for p in transformer.parameters() if p.requires_grad]
         notes = []
         if upcast_lora(params):  # the script's cast_training_params, which it applies for fp16 only
@@ -435,6 +451,8 @@ def build_diffusers(ctx: Context, mode: str) -> Runner:
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
     transformer.eval()
+    if mode in COMPILED:
+        transformer.compile_repeated_blocks()
     neg, neg_mask = ctx.prompt_inputs("diffusers", inp.neg, dtype)
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     n = 1000
@@ -629,7 +647,7 @@ def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, 
     runners: dict[str, Runner] = {}
     results: dict[str, dict] = {}
     for name in impls:
-        if mode in ONLY_DIFFUSMITH and name != "diffusmith":
+        if not supports(name, mode):
             continue
         try:
             torch.manual_seed(0)
@@ -744,13 +762,14 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
         + " | ".join(f"{n} peak MB" for n in impls) + " | ours / best peer (memory) |",
         "|" + "---|" * (2 * len(impls) + 3),
     ]
+    peers = [n for n in impls if n != "diffusmith"]
     for mode in modes:
         row = results_by_mode(results, mode, impls)
-        peer_row = results_by_mode(results, COMPILED.get(mode, mode), impls)  # a compiled step vs their eager one
-        peers = [n for n in impls if n != "diffusmith"]
-        t_ratio = _ratio(row["diffusmith"]["step_s"], [peer_row[n]["step_s"] for n in peers]) \
+        # a compiled step against the peers' eager one and (diffusers) their compiled one
+        peer_rows = [results_by_mode(results, m, impls) for m in {mode, COMPILED.get(mode, mode)}]
+        t_ratio = _ratio(row["diffusmith"]["step_s"], [r[n]["step_s"] for r in peer_rows for n in peers]) \
             if "diffusmith" in row else "-"
-        m_ratio = _ratio(row["diffusmith"]["peak_mb"], [peer_row[n]["peak_mb"] for n in peers]) \
+        m_ratio = _ratio(row["diffusmith"]["peak_mb"], [r[n]["peak_mb"] for r in peer_rows for n in peers]) \
             if "diffusmith" in row else "-"
         lines.append(f"| {mode} | " + " | ".join(_fmt(row[n]["step_s"]) for n in impls) + f" | {t_ratio} | "
                      + " | ".join(_fmt(row[n]["peak_mb"], 0) for n in impls) + f" | {m_ratio} |")
@@ -758,8 +777,8 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
               "| mode | " + " | ".join(impls) + " | ours / best peer |", "|" + "---|" * (len(impls) + 2)]
     for mode in modes:
         fastest = {n: results.get(n, {}).get(mode, {}).get("step_s_min") for n in impls}
-        peer_mode = COMPILED.get(mode, mode)
-        peer_fastest = [results.get(n, {}).get(peer_mode, {}).get("step_s_min") for n in impls if n != "diffusmith"]
+        peer_fastest = [results.get(n, {}).get(m, {}).get("step_s_min") for n in peers
+                        for m in {mode, COMPILED.get(mode, mode)}]
         ratio = _ratio(fastest.get("diffusmith"), peer_fastest) if "diffusmith" in fastest else "-"
         lines.append(f"| {mode} | " + " | ".join(_fmt(fastest[n]) for n in impls) + f" | {ratio} |")
     errors = [f"{n} {m}: {results[n][m]['error']}" for n in impls for m in modes
@@ -809,9 +828,10 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
     lines += ["", "How to read: `s/step` is a training step (loss + backward + AdamW + zero_grad) or, for infer-*, one "
               "denoising step with true CFG (2 DiT calls + combine + Euler step); `-gc` recomputes whole blocks in "
               "backward, `-sgc` (diffusmith only) checkpoints selectively: it keeps attention and product outputs and "
-              "recomputes the elementwise ops and widening products; `-compile` (diffusmith only) is "
-              "`--compile` (torch.compile of each block; its ratios are against the peers' eager step of the same "
-              "precision and checkpointing). "
+              "recomputes the elementwise ops and widening products; `-compile` is diffusmith's "
+              "`--compile` (torch.compile of each block) and, in train-bf16-compile and infer-bf16-compile, "
+              "diffusers' `compile_repeated_blocks()` (the same regional compilation; its training script does not "
+              "compile); its ratios take the best peer of the eager and the compiled mode. "
               "`peak MB` = this implementation's "
               "weights + optimizer state (counted exactly) + the peak memory above that level during one step "
               f"({mem_note}). Ratios < 1 favour diffusmith. Targets: train-bf16 time <= 0.8x and memory <= 0.9x of "

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="bf16" if _cuda() else "fp32", help="bf16, fp16 or fp32")
     gen.add_argument("--offload", default="none", choices=["none", "model", "sequential"])
     gen.add_argument("--tiled", action="store_true", help="encode/decode with the VAE in tiles")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile each transformer block (faster steps after slow first ones)")
     gen.add_argument("--transformer", default=None, help="a loose .safetensors replacing the DiT")
     gen.add_argument("--lora", action="append", default=[], metavar="PATH",
                      help="merge this LoRA (diffusers, ComfyUI, kohya or peft keys) into the DiT; repeatable")
@@ -280,6 +282,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                              offload=args.offload, allow_pickle=args.allow_pickle, **overrides)
     for path, scale in zip(args.lora, lora_scales, strict=True):
         pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
+    if args.compile:
+        pipe.compile()
     image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
                  input_image=args.input_image, denoising_strength=args.denoising_strength,
                  height=args.height, width=args.width, seed=args.seed, num_inference_steps=args.steps,

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from diffusmith.cli import main
+from diffusmith.core.memory import compile_repeated_blocks
 
 BASE = ["generate", "--prompt", "a red circle", "--steps", "2", "--height", "64", "--width", "64",
         "--device", "cpu", "--dtype", "fp32"]
@@ -26,6 +27,25 @@ def test_generate_writes_the_same_picture_as_the_python_api(tiny_qwen, tmp_path)
                     progress_bar=False)
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
     assert [p.name for p in out.parent.iterdir()] == ["out.png"]  # no partial file left behind
+
+
+def test_generate_compile_flag_compiles_the_blocks(tiny_qwen, tmp_path, monkeypatch):
+    import diffusmith.pipelines.base as base
+
+    compiled = []
+
+    def eager_compile(model, **kwargs):  # the eager backend: the plumbing in seconds
+        compiled.append(type(model).__name__)
+        compile_repeated_blocks(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(base, "compile_repeated_blocks", eager_compile)
+    folder, _ = tiny_qwen
+    plain, fast = tmp_path / "plain.png", tmp_path / "compiled.png"
+    assert main([*BASE, "--model", str(folder), "-o", str(plain)]) == 0
+    assert compiled == []
+    assert main([*BASE, "--model", str(folder), "--compile", "-o", str(fast)]) == 0
+    assert compiled == ["QwenImageDiT"]
+    assert np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(fast)))
 
 
 def test_inspect_tells_which_model_a_file_is(tiny_qwen, capsys):

@@ -137,6 +137,22 @@ def test_offload_gives_the_same_picture(tiny_qwen, pipe, offload):
     assert np.array_equal(ours(offloaded, 64, 64, seed=9, **kw), ours(pipe, 64, 64, seed=9, **kw))
 
 
+@pytest.mark.parametrize("offload", ["none", "sequential"])
+def test_compiled_blocks_give_the_same_picture(tiny_qwen, pipe, offload):
+    """pipe.compile() (eager backend: the tracing in seconds; fullgraph: a graph break is an error)."""
+    folder, _ = tiny_qwen
+    compiled = QwenImagePipeline.from_pretrained(folder, offload=offload)
+    compiled.compile(backend="eager", fullgraph=True)
+    kw = dict(negative_prompt=" ", cfg=4.0)
+    assert np.array_equal(ours(compiled, 64, 64, seed=9, **kw), ours(pipe, 64, 64, seed=9, **kw))
+    with pytest.raises(DiffusmithError, match="already compiled"):
+        compiled.compile()
+    with pytest.raises(DiffusmithError, match="repeated"):
+        compiled.compile("vae")  # no block list to compile
+    with pytest.raises(DiffusmithError, match="loaded models are"):
+        compiled.compile("controlnet")
+
+
 def test_model_offload_moves_only_what_a_unit_needs(pipe, monkeypatch):
     moves = []
     for name, model in pipe.models().items():

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..core.lora import apply_lora, read_lora
+from ..core.memory import compile_repeated_blocks
 from ..core.offload import ModelPlacer, OffloadMode
 from ..errors import DiffusmithError
 
@@ -139,6 +140,18 @@ class BasePipeline:
         lora = read_lora(path, model, allow_pickle=allow_pickle)
         apply_lora(model, lora, scale)
         logger.info("LoRA %s merged into %s (%d modules, scale %g)", path, name, len(lora), scale)
+
+    # ---- speed -------------------------------------------------------------------------------------
+    def compile(self, model_name: str | None = None, **compile_kwargs: Any) -> None:
+        """``torch.compile`` each repeated block of ``model_name`` (default: ``lora_target``, the denoiser):
+        the first denoising steps are slow (each new shape compiles), the later ones faster. State dict keys,
+        merged LoRAs and offload hooks are unaffected; ``compile_kwargs`` go to ``torch.compile``."""
+        name = model_name or self.lora_target
+        model = self.models().get(name)
+        if model is None:
+            raise DiffusmithError(f"cannot compile {name!r}: the pipeline's loaded models are "
+                                  f"{', '.join(self.models()) or 'none'}")
+        compile_repeated_blocks(model, **compile_kwargs)
 
     # ---- images ------------------------------------------------------------------------------------
     def preprocess_image(self, image: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
