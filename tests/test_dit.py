@@ -107,6 +107,37 @@ def test_parity_with_reference_bf16():
     assert (got.float() - expected).abs().max().item() <= 0.03  # a few bf16 ulps at |v| ~ 2
 
 
+def test_last_block_skips_the_text_stream_it_drops(models):
+    """The last block's text result is discarded: its text queries, text output projection and text MLP do
+    not run, and a block called with text_output=False gives the same image as a full call (the parity tests
+    above check the whole model against the reference)."""
+    _, ours = models
+    latents, timestep, text, mask = make_inputs(2, 8, 8, 7, padded=3)
+    last = ours.transformer_blocks[-1]
+    skipped = {"add_q_proj": last.attn.add_q_proj, "to_add_out": last.attn.to_add_out, "txt_mlp": last.txt_mlp}
+    ran = []
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: ran.append(name))
+             for name, m in skipped.items()]
+    hooks.append(ours.transformer_blocks[0].attn.to_add_out.register_forward_hook(
+        lambda mod, args, out: ran.append("first block's to_add_out")))
+    captured = {}
+    hooks.append(last.register_forward_pre_hook(lambda mod, args, kwargs: captured.update(kwargs),
+                                                with_kwargs=True))
+    try:
+        with torch.no_grad():
+            ours(latents, timestep, text, mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == ["first block's to_add_out"]
+    block_inputs = {k: v for k, v in captured.items() if k != "text_output"}
+    with torch.no_grad():
+        text_full, image_full = last(**block_inputs, text_output=True)
+        text_none, image_skip = last(**block_inputs, text_output=False)
+    assert text_none is None and text_full.shape == block_inputs["text"].shape
+    assert (image_skip - image_full).abs().max().item() <= 1e-6
+
+
 def test_rope_tables_built_once_per_shape(models):
     _, ours = models
     latents, timestep, text, mask = make_inputs(1, 12, 4, 3, padded=0)

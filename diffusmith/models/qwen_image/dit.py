@@ -228,29 +228,37 @@ class QwenJointAttention(nn.Module):
         text: torch.Tensor,
         rope: torch.Tensor,
         mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """image ``(B, N, D)``, text ``(B, T, D)``, complex rope table ``(T + N, Dh/2)``, mask ``(B, T + N)``.
 
-        Returns the attention outputs ``(image (B, N, D), text (B, T, D))`` after the output projections.
+        Returns the attention outputs ``(image (B, N, D), text (B, T, D))`` after the output projections. With
+        ``text_output=False`` only the image tokens query (the text still gives keys and values) and the text
+        output is None: the same image output without the text rows' work.
         """
         text_len = text.shape[1]
 
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.unflatten(-1, (self.num_heads, self.head_dim))  # (B, L, H, Dh)
 
-        txt_q = self.norm_added_q(heads(self.add_q_proj(text)))  # (B, T, H, Dh)
-        txt_k = self.norm_added_k(heads(self.add_k_proj(text)))
         img_q = self.norm_q(heads(self.to_q(image)))  # (B, N, H, Dh)
+        if text_output:
+            txt_q = self.norm_added_q(heads(self.add_q_proj(text)))  # (B, T, H, Dh)
+            q = torch.cat([txt_q, img_q], dim=1)  # (B, T+N, H, Dh)
+        else:
+            q = img_q
+        txt_k = self.norm_added_k(heads(self.add_k_proj(text)))
         img_k = self.norm_k(heads(self.to_k(image)))
-        q = torch.cat([txt_q, img_q], dim=1)  # (B, T+N, H, Dh)
         k = torch.cat([txt_k, img_k], dim=1)
         v = torch.cat([heads(self.add_v_proj(text)), heads(self.to_v(image))], dim=1)
 
         rope = rope[:, None, :]  # (T+N, 1, Dh/2), broadcast over heads
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = apply_rope(q, rope if text_output else rope[text_len:]), apply_rope(k, rope)
         # Tokens-major memory with head-major views: the layout fused SDPA kernels read without a copy.
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, T+N, Dh)
-        out = out.transpose(1, 2).flatten(2)  # (B, T+N, H*Dh)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, Lq, Dh)
+        out = out.transpose(1, 2).flatten(2)  # (B, Lq, H*Dh)
+        if not text_output:
+            return self.to_out[0](out), None
         return self.to_out[0](out[:, text_len:]), self.to_add_out(out[:, :text_len])
 
 
@@ -278,8 +286,12 @@ class QwenImageBlock(nn.Module):
         temb: torch.Tensor,
         image_rotary_emb: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image ``(B, N, D)``, text ``(B, T, D)``, temb ``(B, D)``; returns ``(text, image)``."""
+        text_output: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """image ``(B, N, D)``, text ``(B, T, D)``, temb ``(B, D)``; returns ``(text, image)``.
+
+        ``text_output=False`` (the last block, whose text result the model drops) skips the text stream's
+        work after the joint attention and returns text None; the image result is the same."""
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(temb).chunk(6, -1)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(temb).chunk(6, -1)
 
@@ -288,15 +300,18 @@ class QwenImageBlock(nn.Module):
             self._norm_modulate(text, txt_shift1, txt_scale1),
             image_rotary_emb,
             attention_mask,
+            text_output,
         )
         image = image + img_gate1[:, None] * img_attn
-        text = text + txt_gate1[:, None] * txt_attn
-
         image = image + img_gate2[:, None] * self.img_mlp(self._norm_modulate(image, img_shift2, img_scale2))
-        text = text + txt_gate2[:, None] * self.txt_mlp(self._norm_modulate(text, txt_shift2, txt_scale2))
-
         if image.dtype == torch.float16:  # the reference clips to the fp16 range
             image = image.clip(-65504, 65504)
+        if not text_output:
+            return None, image
+
+        text = text + txt_gate1[:, None] * txt_attn
+        text = text + txt_gate2[:, None] * self.txt_mlp(self._norm_modulate(text, txt_shift2, txt_scale2))
+        if text.dtype == torch.float16:
             text = text.clip(-65504, 65504)
         return text, image
 
@@ -321,8 +336,8 @@ class QwenImageDiT(nn.Module):
 
     def modules_without_gradient(self) -> list[str]:
         """Modules whose output never reaches the model's output: the last block's text stream after the
-        joint attention (its text result is discarded). Training freezes them so that data-parallel
-        training needs no unused-parameter search."""
+        joint attention (its text result is discarded, and the forward skips that work). Training freezes
+        them so that data-parallel training needs no unused-parameter search."""
         last = f"transformer_blocks.{len(self.transformer_blocks) - 1}"
         # the text queries only shape the text result; text keys/values still reach the image
         return [f"{last}.attn.add_q_proj", f"{last}.attn.norm_added_q", f"{last}.attn.to_add_out",
@@ -404,6 +419,7 @@ class QwenImageDiT(nn.Module):
                 temb=temb,
                 image_rotary_emb=rope,
                 attention_mask=mask,
+                text_output=index < num_blocks - 1,  # the model drops the last block's text result
             )
 
         out = self.proj_out(self.norm_out(image, temb))  # (B, N, p*p*out_channels)
