@@ -331,6 +331,27 @@ def test_compiled_blocks_give_the_same_loss_and_keep_the_keys(checkpointing):
         compile_repeated_blocks(model, backend="eager")
 
 
+def test_compiled_blocks_keep_static_shapes():
+    """Another shape (another bucket, the validation size) compiles a static graph of its own. With torch's
+    automatic dynamic shapes it would add a dynamic graph beside the static one, and a checkpointed block's
+    recomputation could then run the other graph than its forward did (CheckpointError in the suite;
+    pytorch/pytorch#166926)."""
+    dynamic_graphs = []
+
+    def recording_backend(graph, example_inputs):
+        dynamic_graphs.append(any(isinstance(x, torch.SymInt) for x in example_inputs))
+        return graph.forward
+
+    model = lora_dit()
+    compile_repeated_blocks(model, backend=recording_backend)
+    g = torch.Generator().manual_seed(0)
+    for h, w, text_len in [(8, 8, 5), (8, 12, 5)]:
+        latents, text = torch.randn(2, 16, h, w, generator=g), torch.randn(2, text_len, 32, generator=g)
+        out = model(latents, torch.tensor([700.0, 200.0]), text, use_gradient_checkpointing=True)
+        out.float().pow(2).mean().backward()
+    assert dynamic_graphs and not any(dynamic_graphs)
+
+
 def test_compile_failures_are_clear(monkeypatch):
     with pytest.raises(DiffusmithError, match="torch.compile refused"):
         compile_repeated_blocks(lora_dit(), backend="no-such-backend")

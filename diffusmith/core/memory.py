@@ -408,6 +408,19 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+# Graphs each block's code may keep: (shapes) x (grad on / off) x (block variants, e.g. the last block's).
+RECOMPILE_LIMIT = 64
+
+
+def _allow_recompiles() -> None:
+    """Raise torch's per-code recompile limit (8 by default, past which it silently runs the code eagerly)
+    so that every bucket size, validation under no_grad and the last block's variant keep compiled graphs."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name, RECOMPILE_LIMIT) < RECOMPILE_LIMIT:
+        setattr(config, name, RECOMPILE_LIMIT)
+
+
 def _reporting(compiled: Callable, name: str, errors: tuple[type[BaseException], ...]) -> Callable:
     @functools.wraps(compiled)
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -436,6 +449,12 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
         raise DiffusmithError("torch.compile is not supported on this Python/platform; leave out --compile")
     blocks = repeated_blocks(model)
     errors = _compile_errors()
+    # Static shapes: a new shape (another bucket, the validation size) compiles its own graph. With torch's
+    # automatic dynamic shapes a second shape adds a dynamic graph beside the static one, and a checkpointed
+    # block's recomputation can then pick the other graph than its forward did, which saves other tensors
+    # (CheckpointError; pytorch/pytorch#166926).
+    compile_kwargs.setdefault("dynamic", False)
+    _allow_recompiles()
     for i, block in enumerate(blocks):
         name = f"{model.repeated_blocks}.{i}"
         if "forward" in block.__dict__:
