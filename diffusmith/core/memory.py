@@ -439,7 +439,8 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
 
     Only the forward method is compiled: the module tree, its state dict keys and any hooks (such as block
     swap's, which run eagerly around the compiled code) stay as they were. Compilation happens on each
-    block's first call; a failure there raises a DiffusmithError naming the block.
+    block's first call; a failure there raises a DiffusmithError naming the block. Shapes are static unless
+    ``dynamic`` is passed: each new input size compiles once (see the comment below).
     """
     if not callable(getattr(torch, "compile", None)):
         raise DiffusmithError(f"this torch ({torch.__version__}) has no torch.compile; leave out --compile")
