@@ -331,25 +331,44 @@ def test_compiled_blocks_give_the_same_loss_and_keep_the_keys(checkpointing):
         compile_repeated_blocks(model, backend="eager")
 
 
-def test_compiled_blocks_keep_static_shapes():
-    """Another shape (another bucket, the validation size) compiles a static graph of its own. With torch's
-    automatic dynamic shapes it would add a dynamic graph beside the static one, and a checkpointed block's
-    recomputation could then run the other graph than its forward did (CheckpointError in the suite;
-    pytorch/pytorch#166926)."""
-    dynamic_graphs = []
+def test_compiled_blocks_serve_new_sizes_without_recompiling_each():
+    """Caption lengths and buckets vary from step to step: after a second size torch makes one graph with
+    dynamic sizes that serves the rest, instead of one graph per size. Checkpointed blocks alternate between
+    the graphs with the same gradients as the uncompiled model (the recomputation runs the forward's graph:
+    see memory._keep_graph_order)."""
+    graphs = []
 
     def recording_backend(graph, example_inputs):
-        dynamic_graphs.append(any(isinstance(x, torch.SymInt) for x in example_inputs))
+        graphs.append(any(isinstance(x, torch.SymInt) for x in example_inputs))
         return graph.forward
 
-    model = lora_dit()
-    compile_repeated_blocks(model, backend=recording_backend)
+    torch._dynamo.reset()  # forget the sizes earlier tests showed the block's code
+    compiled, plain = lora_dit(), lora_dit()
+    compile_repeated_blocks(compiled, backend=recording_backend)
     g = torch.Generator().manual_seed(0)
-    for h, w, text_len in [(8, 8, 5), (8, 12, 5)]:
-        latents, text = torch.randn(2, 16, h, w, generator=g), torch.randn(2, text_len, 32, generator=g)
-        out = model(latents, torch.tensor([700.0, 200.0]), text, use_gradient_checkpointing=True)
-        out.float().pow(2).mean().backward()
-    assert dynamic_graphs and not any(dynamic_graphs)
+    counts = []
+    for text_len in (5, 6, 7, 8, 5):
+        latents, text = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, text_len, 32, generator=g)
+        _, grads = loss_and_grads_of(compiled, latents, text)
+        _, expected = loss_and_grads_of(plain, latents, text)
+        assert max_diff(grads, expected) <= 1e-6
+        counts.append(len(graphs))
+    # block variants (the first block's inputs need no gradient, the last skips its text stream): a static
+    # graph each for the first size, a dynamic one each for the second, nothing new after that
+    assert counts[1] == 2 * counts[0] and counts[2:] == [counts[1]] * 3
+    assert not any(graphs[:counts[0]]) and all(graphs[counts[0]:])
+    # past torch's default of 8 graphs per code a checkpointed block's recomputation would run eagerly
+    # while its forward ran compiled (CheckpointError): compiling raises the limit
+    assert torch._dynamo.config.recompile_limit >= memory.RECOMPILE_LIMIT
+
+
+def loss_and_grads_of(model, latents, text):
+    for p in model.parameters():
+        p.grad = None
+    out = model(latents, torch.tensor([700.0, 200.0]), text, use_gradient_checkpointing=True)
+    loss = out.float().pow(2).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_compile_failures_are_clear(monkeypatch):

@@ -408,17 +408,29 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-# Graphs each block's code may keep: (shapes) x (grad on / off) x (block variants, e.g. the last block's).
+# Graphs each block's code may keep: block variants (the first block's inputs need no gradient, the last
+# skips its text stream) x static and dynamic sizes x contexts (training, checkpoint recomputation,
+# validation under no_grad). Torch's default of 8 is hit within the first steps of a checkpointed run; past
+# it torch runs the code eagerly, and a checkpointed block whose forward ran compiled but whose
+# recomputation runs eagerly saves other tensors (CheckpointError, seen in the test suite).
 RECOMPILE_LIMIT = 64
 
 
 def _allow_recompiles() -> None:
-    """Raise torch's per-code recompile limit (8 by default, past which it silently runs the code eagerly)
-    so that every bucket size, validation under no_grad and the last block's variant keep compiled graphs."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     if getattr(config, name, RECOMPILE_LIMIT) < RECOMPILE_LIMIT:
         setattr(config, name, RECOMPILE_LIMIT)
+
+
+def _keep_graph_order() -> None:
+    """Torch's remedy for pytorch/pytorch#166926: with automatic dynamic shapes a second input size (caption
+    length, bucket) adds a dynamic graph beside the first, static one, both fit the first size, and torch
+    tries the most recently used graph first, so a checkpointed block's recomputation could run the other
+    graph than its forward. A fixed lookup order (where this torch has the switch) makes both take the same."""
+    eval_frame = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    if hasattr(eval_frame, "_set_lru_cache"):
+        eval_frame._set_lru_cache(False)
 
 
 def _reporting(compiled: Callable, name: str, errors: tuple[type[BaseException], ...]) -> Callable:
@@ -439,8 +451,8 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
 
     Only the forward method is compiled: the module tree, its state dict keys and any hooks (such as block
     swap's, which run eagerly around the compiled code) stay as they were. Compilation happens on each
-    block's first call; a failure there raises a DiffusmithError naming the block. Shapes are static unless
-    ``dynamic`` is passed: each new input size compiles once (see the comment below).
+    block's first call; a failure there raises a DiffusmithError naming the block. A second input size
+    (caption length, bucket) compiles once more, a graph with dynamic sizes that serves all later ones.
     """
     if not callable(getattr(torch, "compile", None)):
         raise DiffusmithError(f"this torch ({torch.__version__}) has no torch.compile; leave out --compile")
@@ -450,12 +462,8 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
         raise DiffusmithError("torch.compile is not supported on this Python/platform; leave out --compile")
     blocks = repeated_blocks(model)
     errors = _compile_errors()
-    # Static shapes: a new shape (another bucket, the validation size) compiles its own graph. With torch's
-    # automatic dynamic shapes a second shape adds a dynamic graph beside the static one, and a checkpointed
-    # block's recomputation can then pick the other graph than its forward did, which saves other tensors
-    # (CheckpointError; pytorch/pytorch#166926).
-    compile_kwargs.setdefault("dynamic", False)
     _allow_recompiles()
+    _keep_graph_order()
     for i, block in enumerate(blocks):
         name = f"{model.repeated_blocks}.{i}"
         if "forward" in block.__dict__:
