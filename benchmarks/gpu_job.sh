@@ -3,10 +3,11 @@
 # (diffusers, diffsynth and the pure-Python packages they need that the machine lacks) and $OUT set.
 # Everything it learns goes to $OUT: bench_gpu.json, RESULTS_gpu.md, gpu_*.json, log.txt. Each command has its
 # own time limit; one device call may take 10 minutes, so the job comes in parts, each under that:
-#   PART=1  the GPU checks (pytest -m gpu) and the mid-size side by side, eager and compiled (about 8 minutes)
+#   PART=1  the GPU checks (pytest -m gpu) and the mid-size side by side, eager and compiled (9 minutes at most)
 #   PART=2  real size (60 blocks, 20.4B) eager: whole-block and selective checkpointing, block swap, inference
 #           (about 6 minutes)
-#   PART=3  real size compiled (--compile): the same training and inference steps (about 5 minutes)
+#   PART=3  the mid-size checkpointing modes alternated (eager, compiled), then real size compiled
+#           (--compile): the same training and inference steps (about 8 minutes)
 # PART=all (the default) runs all three one after the other.
 set -x
 export PYTHONUNBUFFERED=1
@@ -27,14 +28,9 @@ timeout 80 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_memory.py te
   -p no:cacheprovider 2>&1 | tee -a "$LOG"
 
 # side by side (mid-size model, all modes, 3 implementations): about a minute, plus the first compiles of the
-# block in the -compile modes
-timeout 240 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
+# block in the six -compile runs (tens of seconds each); run.py writes its JSON and section after every mode
+timeout 420 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
   --json "$OUT/bench_gpu.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
-
-timeout 60 python3 benchmarks/checkpointing.py --device cuda --runs 10 --warmup 3 \
-  --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
-timeout 90 python3 benchmarks/checkpointing.py --device cuda --compile --runs 10 --warmup 3 \
-  --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 fi
 
 if part 2; then
@@ -52,6 +48,12 @@ timeout 50 python3 benchmarks/gpu.py --infer --json "$OUT/gpu_infer.json" --resu
 fi
 
 if part 3; then
+# checkpointing modes alternated step by step (mid-size), eager and compiled
+timeout 60 python3 benchmarks/checkpointing.py --device cuda --runs 10 --warmup 3 \
+  --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+timeout 90 python3 benchmarks/checkpointing.py --device cuda --compile --runs 10 --warmup 3 \
+  --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+
 # real size with --compile: the MFU target's run (selective checkpointing recomputes the least), whole blocks,
 # and inference; the first steps compile the block (warm-up 3)
 timeout 110 python3 benchmarks/gpu.py --compile --gc-mode selective --warmup 3 --json "$OUT/gpu_real_sgc_compile.json" \

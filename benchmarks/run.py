@@ -908,20 +908,20 @@ def main(argv: list[str] | None = None) -> int:
     free(device)
 
     results: dict[str, dict] = {name: {} for name in args.impls}
-    for mode in args.modes:
+    for done, mode in enumerate(args.modes, 1):
         logger.info("mode %s", mode)
         for name, r in run_mode(ctx, mode, args.impls, args.runs, args.warmup, args.mem_rounds).items():
             results[name][mode] = r
             if "error" not in r:
                 logger.info("  %-10s %-14s %.4f s/step  peak %.0f MB  activations %.0f MB", name, mode, r["step_s"],
                             r["peak_mb"], r["activation_mb"])
-
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    report = markdown(results, size, info, agreement, args, args.modes, args.impls)
-    if not args.no_results:
-        common.replace_section(args.results, f"run.py:{args.device}", report)
+        # written after every mode, so that a run cut short (a time limit) keeps what it measured
+        report = markdown(results, size, info, agreement, args, args.modes[:done], args.impls)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        if not args.no_results:
+            common.replace_section(args.results, f"run.py:{args.device}", report)
     logger.info("\n%s", report)
     return 0
 
