@@ -63,19 +63,24 @@ MODES = {
 # Selective checkpointing (keep matmul/attention outputs, recompute the elementwise ops) exists in diffusmith
 # only: diffusers' enable_gradient_checkpointing and diffsynth's flag recompute whole blocks.
 # `-compile`: diffusmith's --compile (torch.compile of each repeated block). Neither peer's trainer compiles;
-# diffusers has the same regional compilation (`compile_repeated_blocks`), which runs for it in these modes. The
-# ratios take the best peer of the eager mode (COMPILED's value) and of the compiled one.
+# diffusers has the same regional compilation (`compile_repeated_blocks`), which runs for it in
+# DIFFUSERS_COMPILES; otherwise a peer runs its eager step of the same mode (COMPILED's value) in the rotation,
+# so that the compiled step is timed alternating with what the peers' tools run. The ratios also take the
+# peers' numbers of the eager mode when it ran.
 COMPILED = {mode: mode.removesuffix("-compile") for mode in MODES if mode.endswith("-compile")}
 DIFFUSERS_COMPILES = {"train-bf16-compile", "infer-bf16-compile"}
 
 
+def compiles(impl: str, mode: str) -> bool:
+    """Whether ``impl`` compiles its model in ``mode``."""
+    return mode in COMPILED and (impl == "diffusmith" or (impl == "diffusers" and mode in DIFFUSERS_COMPILES))
+
+
 def supports(impl: str, mode: str) -> bool:
-    """Whether ``impl`` runs in ``mode``: selective checkpointing is diffusmith's only; the compiled modes are
-    diffusmith's and, where it has them, diffusers'."""
+    """Whether ``impl`` runs in ``mode``: selective checkpointing is diffusmith's only; in a compiled mode a
+    peer without compilation runs its eager step."""
     if MODES[mode][2] == "selective":
         return impl == "diffusmith"
-    if mode in COMPILED:
-        return impl == "diffusmith" or (impl == "diffusers" and mode in DIFFUSERS_COMPILES)
     return True
 # The same LoRA targets in all three (peft suffix matching; the module names are the checkpoint's in all three):
 # attention of both streams, both MLPs, both AdaLN modulations: diffusmith's default list.
@@ -301,7 +306,7 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
         notes = [f"LoRA skips the last block's {'/'.join(skipped)} (no gradient reaches them)"] if skipped else []
         if upcast_lora(module.trainable_parameters().values()):
             notes.append("LoRA upcast to fp32 by the benchmark (TrainingModule leaves it in the pipeline dtype)")
-        if mode in COMPILED:
+        if compiles("diffusmith", mode):
             compile_repeated_blocks(pipe.dit)  # what `diffusmith train --compile` does, after the LoRA
         optimizer = make_optimizer(module.trainable_parameters().values(), LR)
         x0 = ctx.cast(inp.x0, dtype)
@@ -319,7 +324,7 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
         return Runner(train_step, pipe.dit, optimizer, notes)
 
     pipe.dit.eval()
-    if mode in COMPILED:
+    if compiles("diffusmith", mode):
         pipe.compile()  # what `diffusmith generate --compile` does
     neg, neg_mask = ctx.prompt_inputs("diffusmith", inp.neg, dtype)
     pipe.scheduler.set_timesteps(1000, image_seq_len=size.image_tokens, device=ctx.device)
@@ -403,7 +408,7 @@ def build_diffusers(ctx: Context, mode: str) -> Runner:
         transformer.add_adapter(LoraConfig(r=size.rank, lora_alpha=size.rank, init_lora_weights="gaussian",
                                            target_modules=list(LORA_TARGETS)))
         transformer.train()
-        if mode in COMPILED:
+        if compiles("diffusers", mode):
             transformer.compile_repeated_blocks()  # diffusers' regional compilation, after the adapter
         params = [p for p in transformer.parameters() if p.requires_grad]
         notes = []
@@ -451,7 +456,7 @@ def build_diffusers(ctx: Context, mode: str) -> Runner:
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
     transformer.eval()
-    if mode in COMPILED:
+    if compiles("diffusers", mode):
         transformer.compile_repeated_blocks()
     neg, neg_mask = ctx.prompt_inputs("diffusers", inp.neg, dtype)
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
@@ -652,6 +657,8 @@ def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, 
         try:
             torch.manual_seed(0)
             runners[name] = BUILDERS[name](ctx, mode)
+            if mode in COMPILED and not compiles(name, mode):
+                runners[name].notes.append("its eager step in the -compile modes it has no compilation for")
         except Exception as e:
             logger.error("%s %s: setup failed:\n%s", name, mode, traceback.format_exc())
             results[name] = {"error": f"setup: {type(e).__name__}: {e}"}
@@ -831,7 +838,8 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
               "recomputes the elementwise ops and widening products; `-compile` is diffusmith's "
               "`--compile` (torch.compile of each block) and, in train-bf16-compile and infer-bf16-compile, "
               "diffusers' `compile_repeated_blocks()` (the same regional compilation; its training script does not "
-              "compile); its ratios take the best peer of the eager and the compiled mode. "
+              "compile); a peer without compilation runs its eager step in the same rotation; the ratios take the "
+              "best peer of the row and of the eager mode. "
               "`peak MB` = this implementation's "
               "weights + optimizer state (counted exactly) + the peak memory above that level during one step "
               f"({mem_note}). Ratios < 1 favour diffusmith. Targets: train-bf16 time <= 0.8x and memory <= 0.9x of "
