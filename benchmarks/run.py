@@ -65,8 +65,7 @@ MODES = {
 # `-compile`: diffusmith's --compile (torch.compile of each repeated block). Neither peer's trainer compiles;
 # diffusers has the same regional compilation (`compile_repeated_blocks`), which runs for it in
 # DIFFUSERS_COMPILES; otherwise a peer runs its eager step of the same mode (COMPILED's value) in the rotation,
-# so that the compiled step is timed alternating with what the peers' tools run. The ratios also take the
-# peers' numbers of the eager mode when it ran.
+# so that the compiled step is timed alternating with what the peers' tools run.
 COMPILED = {mode: mode.removesuffix("-compile") for mode in MODES if mode.endswith("-compile")}
 DIFFUSERS_COMPILES = {"train-bf16-compile", "infer-bf16-compile"}
 
@@ -772,11 +771,10 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
     peers = [n for n in impls if n != "diffusmith"]
     for mode in modes:
         row = results_by_mode(results, mode, impls)
-        # a compiled step against the peers' eager one and (diffusers) their compiled one
-        peer_rows = [results_by_mode(results, m, impls) for m in {mode, COMPILED.get(mode, mode)}]
-        t_ratio = _ratio(row["diffusmith"]["step_s"], [r[n]["step_s"] for r in peer_rows for n in peers]) \
+        # against the peers of the same rotation (in a compiled mode: diffusers compiled, diffsynth eager)
+        t_ratio = _ratio(row["diffusmith"]["step_s"], [row[n]["step_s"] for n in peers]) \
             if "diffusmith" in row else "-"
-        m_ratio = _ratio(row["diffusmith"]["peak_mb"], [r[n]["peak_mb"] for r in peer_rows for n in peers]) \
+        m_ratio = _ratio(row["diffusmith"]["peak_mb"], [row[n]["peak_mb"] for n in peers]) \
             if "diffusmith" in row else "-"
         lines.append(f"| {mode} | " + " | ".join(_fmt(row[n]["step_s"]) for n in impls) + f" | {t_ratio} | "
                      + " | ".join(_fmt(row[n]["peak_mb"], 0) for n in impls) + f" | {m_ratio} |")
@@ -784,8 +782,7 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
               "| mode | " + " | ".join(impls) + " | ours / best peer |", "|" + "---|" * (len(impls) + 2)]
     for mode in modes:
         fastest = {n: results.get(n, {}).get(mode, {}).get("step_s_min") for n in impls}
-        peer_fastest = [results.get(n, {}).get(m, {}).get("step_s_min") for n in peers
-                        for m in {mode, COMPILED.get(mode, mode)}]
+        peer_fastest = [fastest[n] for n in peers]
         ratio = _ratio(fastest.get("diffusmith"), peer_fastest) if "diffusmith" in fastest else "-"
         lines.append(f"| {mode} | " + " | ".join(_fmt(fastest[n]) for n in impls) + f" | {ratio} |")
     errors = [f"{n} {m}: {results[n][m]['error']}" for n in impls for m in modes
@@ -838,8 +835,8 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
               "recomputes the elementwise ops and widening products; `-compile` is diffusmith's "
               "`--compile` (torch.compile of each block) and, in train-bf16-compile and infer-bf16-compile, "
               "diffusers' `compile_repeated_blocks()` (the same regional compilation; its training script does not "
-              "compile); a peer without compilation runs its eager step in the same rotation; the ratios take the "
-              "best peer of the row and of the eager mode. "
+              "compile); a peer without compilation runs its eager step in the same rotation (the ratios are against "
+              "the best peer of the row). "
               "`peak MB` = this implementation's "
               "weights + optimizer state (counted exactly) + the peak memory above that level during one step "
               f"({mem_note}). Ratios < 1 favour diffusmith. Targets: train-bf16 time <= 0.8x and memory <= 0.9x of "
