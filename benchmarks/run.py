@@ -64,9 +64,9 @@ MODES = {
 # only: diffusers' enable_gradient_checkpointing and diffsynth's flag recompute whole blocks.
 # `-compile`: diffusmith's --compile (torch.compile of each repeated block). Neither peer's trainer compiles;
 # diffusers has the same regional compilation (`compile_repeated_blocks`), which runs for it in
-# DIFFUSERS_COMPILES; otherwise a peer runs its eager step of the same mode (COMPILED's value) in the rotation,
+# DIFFUSERS_COMPILES; otherwise a peer runs its eager step of the same mode in the rotation,
 # so that the compiled step is timed alternating with what the peers' tools run.
-COMPILED = {mode: mode.removesuffix("-compile") for mode in MODES if mode.endswith("-compile")}
+COMPILED = {mode for mode in MODES if mode.endswith("-compile")}
 DIFFUSERS_COMPILES = {"train-bf16-compile", "infer-bf16-compile"}
 
 

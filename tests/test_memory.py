@@ -48,8 +48,10 @@ def inputs(batch=2):
     return latents, torch.tensor([700.0, 200.0][:batch]), text
 
 
-def loss_and_grads(model, checkpointing=False):
-    latents, t, text = inputs()
+def loss_and_grads(model, checkpointing=False, model_inputs=None):
+    latents, t, text = model_inputs or inputs()
+    for p in model.parameters():
+        p.grad = None
     out = model(latents, t, text, use_gradient_checkpointing=checkpointing)
     loss = out.float().pow(2).mean()
     loss.backward()
@@ -334,8 +336,7 @@ def test_compiled_blocks_give_the_same_loss_and_keep_the_keys(checkpointing):
 def test_compiled_blocks_serve_new_sizes_without_recompiling_each():
     """Caption lengths and buckets vary from step to step: after a second size torch makes one graph with
     dynamic sizes that serves the rest, instead of one graph per size. Checkpointed blocks alternate between
-    the graphs with the same gradients as the uncompiled model (the recomputation runs the forward's graph:
-    see memory._keep_graph_order)."""
+    the graphs with the same gradients as the uncompiled model."""
     graphs = []
 
     def recording_backend(graph, example_inputs):
@@ -348,9 +349,10 @@ def test_compiled_blocks_serve_new_sizes_without_recompiling_each():
     g = torch.Generator().manual_seed(0)
     counts = []
     for text_len in (5, 6, 7, 8, 5):
-        latents, text = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, text_len, 32, generator=g)
-        _, grads = loss_and_grads_of(compiled, latents, text)
-        _, expected = loss_and_grads_of(plain, latents, text)
+        sample = (torch.randn(2, 16, 8, 8, generator=g), torch.tensor([700.0, 200.0]),
+                  torch.randn(2, text_len, 32, generator=g))
+        _, grads = loss_and_grads(compiled, checkpointing=True, model_inputs=sample)
+        _, expected = loss_and_grads(plain, checkpointing=True, model_inputs=sample)
         assert max_diff(grads, expected) <= 1e-6
         counts.append(len(graphs))
     # block variants (the first block's inputs need no gradient, the last skips its text stream): a static
@@ -360,15 +362,6 @@ def test_compiled_blocks_serve_new_sizes_without_recompiling_each():
     # past torch's default of 8 graphs per code a checkpointed block's recomputation would run eagerly
     # while its forward ran compiled (CheckpointError): compiling raises the limit
     assert torch._dynamo.config.recompile_limit >= memory.RECOMPILE_LIMIT
-
-
-def loss_and_grads_of(model, latents, text):
-    for p in model.parameters():
-        p.grad = None
-    out = model(latents, torch.tensor([700.0, 200.0]), text, use_gradient_checkpointing=True)
-    loss = out.float().pow(2).mean()
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_compile_failures_are_clear(monkeypatch):

@@ -412,7 +412,9 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
 # skips its text stream) x static and dynamic sizes x contexts (training, checkpoint recomputation,
 # validation under no_grad). Torch's default of 8 is hit within the first steps of a checkpointed run; past
 # it torch runs the code eagerly, and a checkpointed block whose forward ran compiled but whose
-# recomputation runs eagerly saves other tensors (CheckpointError, seen in the test suite).
+# recomputation runs eagerly saves other tensors (CheckpointError, seen in the test suite). (torch also
+# reports that error when a recomputation picks another of several fitting graphs, pytorch/pytorch#166926,
+# with a fixed lookup order as its remedy; not seen here, so not applied.)
 RECOMPILE_LIMIT = 64
 
 
@@ -421,16 +423,6 @@ def _allow_recompiles() -> None:
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     if getattr(config, name, RECOMPILE_LIMIT) < RECOMPILE_LIMIT:
         setattr(config, name, RECOMPILE_LIMIT)
-
-
-def _keep_graph_order() -> None:
-    """Torch's remedy for pytorch/pytorch#166926: with automatic dynamic shapes a second input size (caption
-    length, bucket) adds a dynamic graph beside the first, static one, both fit the first size, and torch
-    tries the most recently used graph first, so a checkpointed block's recomputation could run the other
-    graph than its forward. A fixed lookup order (where this torch has the switch) makes both take the same."""
-    eval_frame = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
-    if hasattr(eval_frame, "_set_lru_cache"):
-        eval_frame._set_lru_cache(False)
 
 
 def _reporting(compiled: Callable, name: str, errors: tuple[type[BaseException], ...]) -> Callable:
@@ -463,7 +455,6 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
     blocks = repeated_blocks(model)
     errors = _compile_errors()
     _allow_recompiles()
-    _keep_graph_order()
     for i, block in enumerate(blocks):
         name = f"{model.repeated_blocks}.{i}"
         if "forward" in block.__dict__:

@@ -133,10 +133,7 @@ class BasePipeline:
         """Merge a LoRA file (any common key style) into ``model_name`` (default: ``lora_target``) at
         ``scale``; undo with ``diffusmith.core.lora.remove_lora(model)``."""
         name = model_name or self.lora_target
-        model = self.models().get(name)
-        if model is None:
-            raise DiffusmithError(f"cannot load a LoRA into {name!r}: the pipeline's loaded models are "
-                                  f"{', '.join(self.models()) or 'none'}")
+        model = self._loaded_model(name, "load a LoRA into")
         lora = read_lora(path, model, allow_pickle=allow_pickle)
         apply_lora(model, lora, scale)
         logger.info("LoRA %s merged into %s (%d modules, scale %g)", path, name, len(lora), scale)
@@ -146,12 +143,14 @@ class BasePipeline:
         """``torch.compile`` each repeated block of ``model_name`` (default: ``lora_target``, the denoiser):
         the first denoising steps are slow (each new shape compiles), the later ones faster. State dict keys,
         merged LoRAs and offload hooks are unaffected; ``compile_kwargs`` go to ``torch.compile``."""
-        name = model_name or self.lora_target
+        compile_repeated_blocks(self._loaded_model(model_name or self.lora_target, "compile"), **compile_kwargs)
+
+    def _loaded_model(self, name: str, action: str) -> torch.nn.Module:
         model = self.models().get(name)
         if model is None:
-            raise DiffusmithError(f"cannot compile {name!r}: the pipeline's loaded models are "
+            raise DiffusmithError(f"cannot {action} {name!r}: the pipeline's loaded models are "
                                   f"{', '.join(self.models()) or 'none'}")
-        compile_repeated_blocks(model, **compile_kwargs)
+        return model
 
     # ---- images ------------------------------------------------------------------------------------
     def preprocess_image(self, image: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
