@@ -7,9 +7,8 @@ modules that hold weights. Module attribute names follow the diffusers key layou
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,44 +116,100 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Recomputation of cheap functions in backward
+# Norms that keep only their inputs for backward
 # ----------------------------------------------------------------------------------------------------------
+# A norm's float32 intermediates (rms_norm's copy of x, a LayerNorm output that the modulation product keeps)
+# are as large as the activations around them. These autograd Functions keep the inputs instead and derive
+# the gradients by hand from a recomputed norm: the same ops, in the same order and dtypes, that autograd runs
+# for the plain call, so values and gradients are bitwise those of the plain call (tested), without a second
+# autograd graph per norm.
 
 
-class _RecomputedInBackward(torch.autograd.Function):
-    """``fn(*inputs)`` that keeps only its inputs for backward; there ``fn`` runs again (under the forward's
-    autocast state) and autograd differentiates that rerun, so the gradients are those of ``fn`` itself."""
+def _keeps_inputs(*inputs: torch.Tensor | None) -> bool:
+    """Whether the keep-the-inputs Functions apply: a gradient is recorded, and torch.compile is not tracing
+    (its partitioner chooses what to recompute)."""
+    return (not torch.compiler.is_compiling() and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in inputs))
+
+
+class _RMSNormKeepingInput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight)
+        return rms_norm(x, weight, eps)
 
     @staticmethod
-    def forward(ctx, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
-        ctx.fn = fn
-        ctx.device_type = next(t.device.type for t in inputs if isinstance(t, torch.Tensor))
-        ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
-        ctx.save_for_backward(*inputs)
-        return fn(*inputs)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        need_x, need_weight = ctx.needs_input_grad[:2]
+        x32 = x.float()
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + ctx.eps)
+        normed = x32 * inv_rms
+        grad_weight = None
+        if weight is None:
+            grad_normed = grad.float()
+        elif weight.dtype in _HALF_DTYPES:  # y = normed.to(w.dtype) * w
+            grad_normed = (grad * weight).float()
+            if need_weight:
+                grad_weight = (grad * normed.to(weight.dtype)).sum_to_size(weight.shape)
+        else:  # y = (normed * w).to(x.dtype)
+            grad32 = grad.float()
+            grad_normed = grad32 * weight
+            if need_weight:
+                grad_weight = (grad32 * normed).sum_to_size(weight.shape)
+        grad_x = None
+        if need_x:
+            # normed = x32 * inv_rms, inv_rms = rsqrt(mean(x32 ** 2) + eps): autograd's two paths to x32
+            grad_inv_rms = (grad_normed * x32).sum(-1, keepdim=True)
+            grad_mean = -0.5 * grad_inv_rms * inv_rms.pow(3) / x.shape[-1]
+            grad_x = (grad_normed * inv_rms + grad_mean * (2.0 * x32)).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+def rms_norm_keeping_input(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """:func:`rms_norm` that keeps only ``x`` and ``weight`` for backward (not its float32 copy of ``x``)."""
+    if not _keeps_inputs(x, weight):
+        return rms_norm(x, weight, eps)
+    return _RMSNormKeepingInput.apply(x, weight, eps)
+
+
+class _NormModulateKeepingInput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        normed = F.layer_norm(x, x.shape[-1:], eps=eps)  # float32 under CUDA autocast, x's dtype otherwise
+        ctx.eps, ctx.norm_dtype = eps, normed.dtype
+        ctx.save_for_backward(x, shift, scale)
+        return modulate(normed, shift, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        needs = ctx.needs_input_grad[1:]
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs, strict=True)]
-        enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-            out = ctx.fn(*inputs)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-        return (None, *(next(grads) if need else None for need in needs))
+        x, shift, scale = ctx.saved_tensors
+        need_x, need_shift, need_scale = ctx.needs_input_grad[:3]
+        x_norm = x.to(ctx.norm_dtype)
+        normed, mean, rstd = torch.native_layer_norm(x_norm, x.shape[-1:], None, None, ctx.eps)
+        factor = 1 + scale[:, None, :]  # (B, 1, D)
+        # out = normed * factor + shift[:, None]: as autograd, each gradient is reduced over the broadcast
+        # tokens in the product's dtype, then cast to its input's dtype
+        grad_product = grad.to(torch.promote_types(ctx.norm_dtype, factor.dtype))
+        grad_shift = grad.sum(1, keepdim=True).to(shift.dtype).squeeze(1) if need_shift else None
+        grad_scale = None
+        if need_scale:
+            grad_scale = (grad_product * normed).sum(1, keepdim=True).to(factor.dtype).squeeze(1)
+        grad_x = None
+        if need_x:
+            grad_normed = (grad_product * factor).to(ctx.norm_dtype)
+            grad_x = torch.ops.aten.native_layer_norm_backward(
+                grad_normed, x_norm, x.shape[-1:], mean, rstd, None, None, [True, False, False])[0].to(x.dtype)
+        return grad_x, grad_shift, grad_scale, None
 
 
-def recompute_in_backward(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
-    """``fn(*inputs)`` for a cheap elementwise ``fn`` whose intermediates are large (a float32 copy, a norm's
-    output that a product keeps): only the tensor ``inputs`` are kept for backward, where ``fn`` runs again.
-    Same values and gradients as calling ``fn``; a plain call when no gradient is recorded, and while
-    torch.compile traces (its partitioner chooses what to recompute, and the rerun in backward would break
-    the graph)."""
-    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
-            or not any(t.requires_grad for t in inputs)):
-        return fn(*inputs)
-    return _RecomputedInBackward.apply(fn, *inputs)
+def norm_modulate_keeping_input(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`norm_modulate` that keeps only its inputs for backward (not the norm's output, which the product
+    with ``scale`` would keep)."""
+    if not _keeps_inputs(x, shift, scale):
+        return norm_modulate(x, shift, scale, eps)
+    return _NormModulateKeepingInput.apply(x, shift, scale, eps)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,8 +226,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # rms_norm's float32 copy of x would be kept for backward: keep x instead, recompute the rest
-        return recompute_in_backward(functools.partial(rms_norm, eps=self.eps), x, self.weight)
+        return rms_norm_keeping_input(x, self.weight, self.eps)
 
 
 class GeluProjection(nn.Module):

@@ -26,8 +26,7 @@ from diffusmith.models.layers import (
     RMSNorm,
     TimestepMLP,
     apply_rope,
-    norm_modulate,
-    recompute_in_backward,
+    norm_modulate_keeping_input,
     rope_angles,
     rope_freqs_cis,
     timestep_embedding,
@@ -275,9 +274,7 @@ class QwenImageBlock(nn.Module):
         self.txt_mlp = FeedForward(dim, mlp_ratio * dim)
 
     def _norm_modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        # the norm's output (float32 under CUDA autocast) would be kept by the product with scale: keep only
-        # x, recompute the norm in backward
-        return recompute_in_backward(functools.partial(norm_modulate, eps=self.eps), x, shift, scale)
+        return norm_modulate_keeping_input(x, shift, scale, self.eps)
 
     def forward(
         self,
