@@ -11,7 +11,7 @@ alternated step by step. For each mode it reports seconds per step (median after
   pipeline's own model call and scheduler.
 
     python benchmarks/run.py [--device cpu|cuda] [--runs 10] [--warmup 3] [--json PATH] [--modes ...]
-                             [--impls ...] [--results benchmarks/RESULTS.md] [--small]
+                             [--impls ...] [--results benchmarks/RESULTS.md] [--size mid|small|overhead]
                              [--padded-text]
 
 Text: by default each implementation gets what its own prompt step returns for one prompt of ``text_valid``
@@ -132,6 +132,11 @@ class Size:
 
 MID = Size(layers=4, heads=6, pixels=512, text_len=128, text_valid=100, rank=16)
 SMALL = Size(layers=2, heads=2, pixels=256, text_len=64, text_valid=50, rank=16)
+# The mid-size depth with negligible arithmetic (width 128, 16 image tokens, 12 text tokens): a step's time is what the framework
+# spends per op (Python, dispatch, autograd), the regime of the mid-size model on a GPU, where its kernels take
+# far less time than their launch.
+OVERHEAD = Size(layers=4, heads=1, pixels=64, text_len=16, text_valid=12, rank=16, joint_dim=64)
+SIZES = {"mid": MID, "small": SMALL, "overhead": OVERHEAD}
 
 
 @dataclass
@@ -751,7 +756,7 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
     device = "GPU" if args.device == "cuda" else "CPU"
     machine = info.get("gpu", "") + ("; host " if "gpu" in info else "") + info["cpu"]
     lines = [
-        f"## {device}: {machine}",
+        f"## {device}{'' if args.size == 'mid' else f', {args.size} size'}: {machine}",
         "",
         f"{info['date']}; torch {info['torch']}, diffusers {info['diffusers']}, diffsynth {info['diffsynth']}, "
         f"transformers {info['transformers']}, peft {info['peft']}, Python {info['python']}; load average "
@@ -877,7 +882,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--results", default=str(common.REPO_ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--no-results", action="store_true", help="do not write the markdown file")
-    parser.add_argument("--small", action="store_true", help="a smoke-test size (2 layers, 256 px)")
+    parser.add_argument("--size", choices=list(SIZES), default="mid",
+                        help="mid: the issue's model (default); small: a smoke test (2 layers, 256 px); overhead: "
+                             "4 layers of width 128 at 64 px, where the step time is per-op overhead (the regime of "
+                             "the mid-size model on a GPU); a size other than mid gets its own RESULTS.md section")
+    parser.add_argument("--small", action="store_true", help="the same as --size small")
     parser.add_argument("--padded-text", action="store_true",
                         help="give diffusmith and diffusers the text padded to text_len with a mask (the old case) "
                              "instead of what their prompt step gives for one prompt (no padding, no mask)")
@@ -896,7 +905,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 modes stay fp32 in all three
         torch.backends.cudnn.allow_tf32 = False
 
-    size = SMALL if args.small else MID
+    size_name = args.size = "small" if args.small else args.size
+    size = SIZES[size_name]
     info = common.machine_info(device)
     logger.info("machine: %s", info)
     logger.info("model: %s", size.describe(args.padded_text))
@@ -926,7 +936,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=2))
         if not args.no_results:
-            common.replace_section(args.results, f"run.py:{args.device}", report)
+            tag = f"run.py:{args.device}" + ("" if size_name == "mid" else f"-{size_name}")
+            common.replace_section(args.results, tag, report)
     logger.info("\n%s", report)
     return 0
 
