@@ -59,3 +59,27 @@ def test_bf16_training_step_on_the_gpu(tiny_qwen, tmp_path):
                  max_steps=3, save_every=2))
     assert len(losses(out)) == 3 and all(np.isfinite(losses(out)))
     assert (out / "lora.safetensors").exists()
+
+
+def test_norms_keeping_inputs_equal_the_plain_calls_under_cuda_autocast():
+    """Under CUDA autocast the LayerNorm runs in float32 while the modulation is bf16 (CPU autocast keeps the
+    norm in bf16): the hand-written backward must follow autograd's dtypes there too."""
+    from diffusmith.models.layers import norm_modulate, norm_modulate_keeping_input, rms_norm, rms_norm_keeping_input
+
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(2, 9, 64, device="cuda", generator=g).bfloat16()
+    shift, scale = (torch.randn(2, 64, device="cuda", generator=g).bfloat16() for _ in range(2))
+    weight = torch.randn(64, device="cuda", generator=g).bfloat16()
+    cases = [(norm_modulate_keeping_input, norm_modulate, (x, shift, scale)),
+             (rms_norm_keeping_input, rms_norm, (x, weight))]
+    for ours_fn, plain_fn, inputs in cases:
+        results = []
+        for fn in (ours_fn, plain_fn):
+            leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fn(*leaves, 1e-6)
+            out.float().mul(torch.linspace(-1, 1, out.numel(), device="cuda").reshape(out.shape)).sum().backward()
+            results.append((out.detach(), [t.grad for t in leaves]))
+        (ours_out, ours_grads), (plain_out, plain_grads) = results
+        assert ours_out.dtype == plain_out.dtype and torch.equal(ours_out, plain_out)
+        assert all(torch.equal(a, b) for a, b in zip(ours_grads, plain_grads, strict=True))
