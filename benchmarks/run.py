@@ -132,9 +132,9 @@ class Size:
 
 MID = Size(layers=4, heads=6, pixels=512, text_len=128, text_valid=100, rank=16)
 SMALL = Size(layers=2, heads=2, pixels=256, text_len=64, text_valid=50, rank=16)
-# The mid-size depth with negligible arithmetic (width 128, 16 image tokens, 12 text tokens): a step's time is what the framework
-# spends per op (Python, dispatch, autograd), the regime of the mid-size model on a GPU, where its kernels take
-# far less time than their launch.
+# The mid-size depth with negligible arithmetic (width 128, 16 image tokens, 12 text tokens): a step's time is
+# what the framework spends per op (Python, dispatch, autograd), the regime of the mid-size model on a GPU, where
+# its kernels take far less time than their launch.
 OVERHEAD = Size(layers=4, heads=1, pixels=64, text_len=16, text_valid=12, rank=16, joint_dim=64)
 SIZES = {"mid": MID, "small": SMALL, "overhead": OVERHEAD}
 
