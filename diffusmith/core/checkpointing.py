@@ -4,7 +4,9 @@ Checkpointing keeps only a block's inputs during the forward pass and recomputes
 during backward, which trades compute for memory. The offload variant also moves what checkpointing still
 keeps (the block's tensor inputs) to CPU memory until backward needs them.
 
-Two modes say how much of a block is recomputed:
+In both modes the last block is not checkpointed: its recomputation would come first in backward, at the
+memory peak, and save nothing (see :func:`checkpoints_block`). Two modes say how much of a block is
+recomputed:
 
 - ``"full"``: the whole block (the default). A LoRA step's frozen weights need no weight gradient, so its
   backward costs about one forward and the recomputation adds about half of the step's time.
@@ -12,8 +14,7 @@ Two modes say how much of a block is recomputed:
   kept (q/k/v and output projections, the MLP's down-projection); the elementwise work (norms, modulation,
   rotary embedding, GELU, casts, gates) and the products that widen their input 4x or more (the MLP's
   up-projection, whose 4x-wide output is a block's largest activation, and a LoRA's up-projection, which
-  costs rank/width of its layer) run again in backward, and the last block is not checkpointed (see
-  :func:`checkpoints_block`). Measured on the mid-size benchmark model (CPU):
+  costs rank/width of its layer) run again in backward. Measured on the mid-size benchmark model (CPU):
   about half the activations of no checkpointing at about 1.2x its time, where ``"full"`` gives 0.3x at
   1.4x (benchmarks/RESULTS.md).
 """
@@ -67,12 +68,12 @@ def save_expensive_ops_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> C
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def checkpoints_block(index: int, num_blocks: int, mode: str) -> bool:
+def checkpoints_block(index: int, num_blocks: int) -> bool:
     """Whether a model checkpoints its repeated block ``index`` (of ``num_blocks``) when checkpointing is on:
-    every block under ``"full"``; all but the last under ``"selective"``. The last block's recomputation is
-    the first thing backward does, at the memory peak, and it needs as much memory there as keeping the
-    block's activations does: skipping it saves its recomputation time and no memory."""
-    return mode == "full" or index < num_blocks - 1
+    all but the last, in both modes. The last block's recomputation would be the first thing backward does,
+    at the memory peak, where it needs as much memory as keeping the block's activations does: checkpointing
+    it would cost its recomputation time and save no memory (tested: the same peak)."""
+    return index < num_blocks - 1
 
 
 def check_checkpointing_mode(mode: str) -> str:

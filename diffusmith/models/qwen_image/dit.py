@@ -375,11 +375,11 @@ class QwenImageDiT(nn.Module):
             timestep: ``(B,)`` or one value: sigma * 1000, as the scheduler gives it.
             text: ``(B, T, joint_attention_dim)`` prompt embeddings.
             text_mask: ``(B, T)`` bool or 0/1, 1 = real token; None = all tokens real.
-            use_gradient_checkpointing: recompute each block in backward instead of keeping activations.
+            use_gradient_checkpointing: recompute the blocks in backward instead of keeping their activations (all
+                but the last, whose recomputation would save no memory: see :mod:`diffusmith.core.checkpointing`).
             use_gradient_checkpointing_offload: also keep the checkpointed block inputs in CPU memory.
             gradient_checkpointing_mode: ``"full"`` recomputes each checkpointed block whole; ``"selective"``
-                keeps its matmul and attention outputs and recomputes only the elementwise work, and leaves the
-                last block unchecked (see :mod:`diffusmith.core.checkpointing`).
+                keeps its matmul and attention outputs and recomputes only the elementwise work.
 
         Returns:
             ``(B, out_channels, h, w)`` velocity in the model's dtype.
@@ -405,7 +405,7 @@ class QwenImageDiT(nn.Module):
         num_blocks = len(self.transformer_blocks)
         check_checkpointing_mode(gradient_checkpointing_mode)
         for index, block in enumerate(self.transformer_blocks):
-            checkpointed = checkpoints_block(index, num_blocks, gradient_checkpointing_mode)
+            checkpointed = checkpoints_block(index, num_blocks)
             text, image = gradient_checkpoint_forward(
                 block,
                 use_gradient_checkpointing and checkpointed,
