@@ -69,10 +69,17 @@ def malloc_trim() -> None:
 
 
 def allocation_trace(events) -> tuple[int, int]:
-    """``(net, peak)`` bytes of a time-ordered list of ``(time, signed size)`` allocator events."""
+    """``(net, peak)`` bytes of a list of ``(time, address, signed size)`` allocator events, summed in time
+    order. A free of memory allocated before the window (which the profiler reports when an earlier profiled
+    window saw the allocation) is not the window's and is left out."""
+    live: dict[int, int] = {}
     net = peak = 0
-    for _, size in sorted(events):
-        net += size
+    for _, ptr, size in sorted(events):
+        if size > 0:
+            live[ptr] = size
+            net += size
+        elif ptr in live:
+            net -= live.pop(ptr)
         peak = max(peak, net)
     return net, peak
 
@@ -120,7 +127,7 @@ class PeakMemory:
             event = stack.pop()
             stack.extend(event.children)
             if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-                events.append((event.start_time_ns, event.extra_fields.alloc_size))
+                events.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
         self.net, self.delta = allocation_trace(events)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 
 import pytest
 import torch
@@ -40,19 +41,41 @@ def inputs(h: int = 8, text_len: int = 5):
     return {"latents": latents, "timestep": torch.tensor([700.0, 200.0]), "prompt_emb": text}
 
 
-def allocated_during(fn) -> tuple[object, int]:
-    """``fn()`` and the bytes of torch CPU memory it allocated and had not freed when it returned (exact:
-    the profiler's allocator events). After a forward pass these are what autograd and checkpointing keep for
-    backward, plus the output."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    total, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+def allocator_trace(fn) -> tuple[object, int, int]:
+    """``(fn(), net, peak)``: bytes of torch CPU memory that ``fn()`` allocated and had not freed when it
+    returned, and the peak of that running sum (exact: the profiler's allocator events in time order). A free
+    of memory allocated before the window (garbage of an earlier test, which another profiler run may have
+    seen allocated) is not ``fn``'s and is left out; so is the collector's work (run first, then paused)."""
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+    finally:
+        gc.enable()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
         stack.extend(event.children)
         if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            total += event.extra_fields.alloc_size
-    return out, total
+            events.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
+    live: dict[int, int] = {}
+    net = peak = 0
+    for _, ptr, size in sorted(events):
+        if size > 0:
+            live[ptr] = size
+            net += size
+        elif ptr in live:
+            net -= live.pop(ptr)
+        peak = max(peak, net)
+    return out, net, peak
+
+
+def allocated_during(fn) -> tuple[object, int]:
+    """``fn()`` and the bytes it allocated and had not freed when it returned: after a forward pass, what
+    autograd and checkpointing keep for backward, plus the output."""
+    out, net, _ = allocator_trace(fn)
+    return out, net
 
 
 @pytest.mark.parametrize("mode", ["full", "selective", "selective+offload"])
@@ -108,21 +131,8 @@ def test_selective_keeps_the_products_and_recomputes_the_rest():
 
 
 def peak_during(fn) -> int:
-    """Peak bytes of torch CPU memory above the level at the start of ``fn()`` (exact: the profiler's
-    allocator events, summed in time order)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            events.append((event.start_time_ns, event.extra_fields.alloc_size))
-    net = peak = 0
-    for _, size in sorted(events):
-        net += size
-        peak = max(peak, net)
-    return peak
+    """Peak bytes of torch CPU memory above the level at the start of ``fn()``."""
+    return allocator_trace(fn)[2]
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
