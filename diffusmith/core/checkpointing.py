@@ -15,8 +15,8 @@ recomputed:
   rotary embedding, GELU, casts, gates) and the products that widen their input 4x or more (the MLP's
   up-projection, whose 4x-wide output is a block's largest activation, and a LoRA's up-projection, which
   costs rank/width of its layer) run again in backward. Measured on the mid-size benchmark model (CPU):
-  about half the activations of no checkpointing at about 1.2x its time, where ``"full"`` gives 0.3x at
-  1.4x (benchmarks/RESULTS.md).
+  about half the activations of no checkpointing at about 1.1x its time, where ``"full"`` gives 0.3x at
+  1.2x at the model's 4 blocks (a deep model's whole-block step approaches 1.5x; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def checkpoints_block(index: int, num_blocks: int) -> bool:
     """Whether a model checkpoints its repeated block ``index`` (of ``num_blocks``) when checkpointing is on:
     all but the last, in both modes. The last block's recomputation would be the first thing backward does,
     at the memory peak, where it needs as much memory as keeping the block's activations does: checkpointing
-    it would cost its recomputation time and save no memory (tested: the same peak)."""
+    it would cost its recomputation time and save no memory (tested: the same peak, up to the head's
+    backward transients)."""
     return index < num_blocks - 1
 
 
