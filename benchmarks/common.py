@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import gc
 import importlib
 import importlib.abc
 import importlib.metadata
@@ -106,6 +107,10 @@ class PeakMemory:
             self.start = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             return self
+        # the collector runs now, not inside the window, where it would free memory that is not the window's
+        gc.collect()
+        self._gc_was_enabled = gc.isenabled()
+        gc.disable()
         self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                profile_memory=True)
         self._profile.__enter__()
@@ -122,6 +127,8 @@ class PeakMemory:
         from torch._C._profiler import _EventType
 
         self._profile.__exit__(*exc)
+        if self._gc_was_enabled:
+            gc.enable()
         events, stack = [], list(self._profile.profiler.kineto_results.experimental_event_tree())
         while stack:
             event = stack.pop()

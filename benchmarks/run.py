@@ -886,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="mid: the issue's model (default); small: a smoke test (2 layers, 256 px); overhead: "
                              "4 layers of width 128 at 64 px, where the step time is per-op overhead (the regime of "
                              "the mid-size model on a GPU); a size other than mid gets its own RESULTS.md section")
-    parser.add_argument("--small", action="store_true", help="the same as --size small")
+    parser.add_argument("--small", action="store_const", dest="size", const="small", help="the same as --size small")
     parser.add_argument("--padded-text", action="store_true",
                         help="give diffusmith and diffusers the text padded to text_len with a mask (the old case) "
                              "instead of what their prompt step gives for one prompt (no padding, no mask)")
@@ -905,8 +905,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 modes stay fp32 in all three
         torch.backends.cudnn.allow_tf32 = False
 
-    size_name = args.size = "small" if args.small else args.size
-    size = SIZES[size_name]
+    size = SIZES[args.size]
     info = common.machine_info(device)
     logger.info("machine: %s", info)
     logger.info("model: %s", size.describe(args.padded_text))
@@ -936,7 +935,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=2))
         if not args.no_results:
-            tag = f"run.py:{args.device}" + ("" if size_name == "mid" else f"-{size_name}")
+            tag = f"run.py:{args.device}" + ("" if args.size == "mid" else f"-{args.size}")
             common.replace_section(args.results, tag, report)
     logger.info("\n%s", report)
     return 0

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the tests' reference_* helper modules
+# benchmarks/common.py: the exact CPU memory trace (PeakMemory) the memory tests measure with
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 # Qwen-Image's scheduler_config.json (values from the official repo)
 QWEN_SCHEDULER_CONFIG = {

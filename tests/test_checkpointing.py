@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 
 import pytest
 import torch
+from common import PeakMemory
 from test_memory import lora_dit as memory_lora_dit
-from torch._C._profiler import _EventType
 
 from diffusmith.core.checkpointing import (
     checkpoints_block,
@@ -43,32 +42,11 @@ def inputs(h: int = 8, text_len: int = 5):
 
 def allocator_trace(fn) -> tuple[object, int, int]:
     """``(fn(), net, peak)``: bytes of torch CPU memory that ``fn()`` allocated and had not freed when it
-    returned, and the peak of that running sum (exact: the profiler's allocator events in time order). A free
-    of memory allocated before the window (garbage of an earlier test, which another profiler run may have
-    seen allocated) is not ``fn``'s and is left out; so is the collector's work (run first, then paused)."""
-    gc.collect()
-    gc.disable()
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = fn()
-    finally:
-        gc.enable()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            events.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
-    live: dict[int, int] = {}
-    net = peak = 0
-    for _, ptr, size in sorted(events):
-        if size > 0:
-            live[ptr] = size
-            net += size
-        elif ptr in live:
-            net -= live.pop(ptr)
-        peak = max(peak, net)
-    return out, net, peak
+    returned, and the peak of that running sum (exact: the benchmarks' trace of the profiler's allocator
+    events, which leaves out frees of memory allocated before the window)."""
+    with PeakMemory("cpu") as memory:
+        out = fn()
+    return out, memory.net, memory.delta
 
 
 def allocated_during(fn) -> tuple[object, int]:
