@@ -3,7 +3,9 @@
 Training (default): a LoRA step at 1024x1024 (4096 image tokens) with a 256-token prompt, LoRA rank 32 on the
 model's default targets (fp32 LoRA weights, bf16 frozen weights, bf16 autocast), gradient checkpointing per
 block, AdamW: diffusmith's ``TrainingModule.loss_from_inputs`` + backward + AdamW step + zero_grad.
-``--infer``: one denoising step with true CFG (two DiT calls + CFG combine + Euler step), bf16.
+``--infer``: one denoising step with true CFG (two DiT calls + CFG combine + Euler step), bf16;
+``--batch-cfg``: the two predictions as one batch (``batch_cfg=True``; a shorter ``--negative-len`` is padded
+and masked).
 
 The random bf16 weights are made directly on the GPU (20.4B parameters, 41 GB: nothing is allocated on the
 host). ``--block-swap N`` keeps all blocks but the last N in pinned host memory
@@ -16,7 +18,8 @@ Linears) x (its tokens), plus 4 x L^2 x D per block for attention (L = text + im
 training step is credited ``3F`` ("model FLOPs": forward + backward); ``mfu_hw`` credits ``4F`` (the forward
 recomputed by checkpointing as well). With frozen base weights a LoRA step computes no weight gradients, so
 what actually runs is about F (forward) + F (recompute) + F (input gradients) = 3F: for this step ``mfu``
-is also the hardware utilisation. An inference step is credited ``2F`` (two CFG forwards). LoRA matmuls
+is also the hardware utilisation. An inference step is credited ``2F`` (two CFG forwards; with a shorter
+negative prompt, each forward over its own prompt's tokens). LoRA matmuls
 (about 2% more) are not counted.
 """
 
@@ -83,7 +86,7 @@ def build_dit(cfg, device: torch.device):
 
 def run(args) -> dict:
     from diffusmith.models.qwen_image.dit import PRESETS
-    from diffusmith.pipelines.qwen_image import QwenImagePipeline, QwenImageUnit_NoiseInitializer, cfg_combine
+    from diffusmith.pipelines.qwen_image import QwenImagePipeline, QwenImageUnit_NoiseInitializer, join_cfg_sides
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -105,6 +108,8 @@ def run(args) -> dict:
         "batch": 1,
         "block_swap": args.block_swap,
     }
+    if args.infer:
+        result.update(negative_tokens=args.negative_len or args.text_len, batch_cfg=args.batch_cfg)
 
     started = time.perf_counter()
     dit = build_dit(cfg, device)
@@ -119,7 +124,8 @@ def run(args) -> dict:
     pipe.dit = dit
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(1, args.text_len, cfg.joint_attention_dim, generator=g).to(device, torch.bfloat16)
-    neg = torch.randn(1, args.text_len, cfg.joint_attention_dim, generator=g).to(device, torch.bfloat16)
+    neg = torch.randn(1, args.negative_len or args.text_len, cfg.joint_attention_dim, generator=g).to(
+        device, torch.bfloat16)
     mask = None  # batch 1 with no padding: diffusmith's prompt encoder gives no mask
     if valid < args.text_len:
         mask = torch.zeros(1, args.text_len, dtype=torch.long, device=device)
@@ -129,17 +135,22 @@ def run(args) -> dict:
 
     if args.infer:
         dit.eval()
-        step_flops, hw_flops = 2 * forward_flops, 2 * forward_flops
+        # model FLOPs of the two predictions, each over its own prompt's tokens (a padded negative's extra
+        # tokens in the batched call are not credited)
+        step_flops = forward_flops + dit_forward_flops(cfg, image_tokens, neg.shape[1])
+        hw_flops = 2 * forward_flops if args.batch_cfg else step_flops
         pipe.scheduler.set_timesteps(1000, image_seq_len=image_tokens, device=device)
         state = {"latents": torch.randn(1, 16, latent, latent, generator=g).to(device, torch.bfloat16), "i": 0}
+        neg_mask = None if mask is None else mask[:, :neg.shape[1]]
+        posi, nega = {"prompt_emb": emb, "prompt_emb_mask": mask}, {"prompt_emb": neg, "prompt_emb_mask": neg_mask}
+        if args.batch_cfg:
+            posi, nega = join_cfg_sides(posi, nega), None
 
         @torch.no_grad()
         def step() -> None:  # the body of QwenImagePipeline.__call__'s loop
             i, latents = state["i"], state["latents"]
-            t = pipe.scheduler.timesteps[i]
-            v = pipe.model_fn(pipe.dit, latents=latents, timestep=t, prompt_emb=emb, prompt_emb_mask=mask)
-            v_neg = pipe.model_fn(pipe.dit, latents=latents, timestep=t, prompt_emb=neg, prompt_emb_mask=mask)
-            state["latents"] = pipe.scheduler.step(cfg_combine(v, v_neg, 4.0), i, latents)
+            velocity = pipe.guided_velocity({}, posi, nega, latents, pipe.scheduler.timesteps[i], 4.0)
+            state["latents"] = pipe.scheduler.step(velocity, i, latents)
             state["i"] = i + 1
 
         optimizer = None
@@ -250,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
     parser.add_argument("--text-len", type=int, default=256)
     parser.add_argument("--text-valid", type=int, default=None, help="real text tokens (fewer: padding + mask)")
+    parser.add_argument("--negative-len", type=int, default=None, help="--infer: negative prompt tokens "
+                        "(default: --text-len)")
+    parser.add_argument("--batch-cfg", action="store_true", help="--infer: both CFG predictions as one batch")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--lora-dtype", choices=["fp32", "as-is"], default="fp32")
     parser.add_argument("--no-gc", action="store_true", help="train without gradient checkpointing")
@@ -285,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:
         tag = (f"gpu.py:{result['mode']}" + (f"-swap{args.block_swap}" if args.block_swap is not None else "")
                + ("-selective" if args.gc_mode == "selective" and not args.infer else "")
-               + ("-compile" if args.compile else ""))
+               + ("-compile" if args.compile else "")
+               + (f"-neg{args.negative_len}" if args.infer and args.negative_len else "")
+               + ("-batchcfg" if args.infer and args.batch_cfg else ""))
         common.replace_section(args.results, tag, markdown(result))
     return code
 
@@ -293,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(r: dict) -> str:
     """One short section per gpu.py run, for RESULTS.md."""
     title = {"train": "LoRA training step", "infer": "inference step (true CFG)"}[r["mode"]]
+    if r["mode"] == "infer":
+        title += (f", negative prompt {r['negative_tokens']} tokens"
+                  + (", both predictions as one batch" if r["batch_cfg"] else ""))
     swap = f", block swap: {r['block_swap']} blocks on the GPU" if r.get("block_swap") is not None else ""
     head = f"### Real-size DiT, {title}{swap}"
     if "error" in r:

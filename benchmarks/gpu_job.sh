@@ -5,7 +5,7 @@
 # own time limit; one device call may take 10 minutes, so the job comes in parts, each under that:
 #   PART=1  the GPU checks (pytest -m gpu) and the mid-size side by side, eager and compiled (9 minutes at most)
 #   PART=2  real size (60 blocks, 20.4B) eager: whole-block and selective checkpointing, block swap, inference
-#           (about 6 minutes)
+#           (also with a short negative prompt, separate and batched CFG; about 7 minutes)
 #   PART=3  the mid-size checkpointing modes alternated (eager, compiled), then real size compiled
 #           (--compile): the same training and inference steps (about 8 minutes)
 # PART=all (the default) runs all three one after the other.
@@ -45,6 +45,11 @@ timeout 100 python3 benchmarks/gpu.py --block-swap 22 --json "$OUT/gpu_swap.json
 
 # real-size inference step (bf16, true CFG: two DiT calls + combine + Euler step)
 timeout 50 python3 benchmarks/gpu.py --infer --json "$OUT/gpu_infer.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+# the same with a short negative prompt (64 tokens), one after the other and as one batch (--batch-cfg)
+for batch in "" --batch-cfg; do
+  timeout 50 python3 benchmarks/gpu.py --infer --negative-len 64 $batch --json "$OUT/gpu_infer_neg64$batch.json" \
+    --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+done
 fi
 
 if part 3; then

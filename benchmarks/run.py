@@ -8,7 +8,7 @@ alternated step by step. For each mode it reports seconds per step (median after
   trainer takes after the pipeline units ran), diffusers the step of ``train_dreambooth_lora_qwen_image.py``
   (weighting ``none``), diffsynth ``FlowMatchSFTLoss`` over its ``model_fn_qwen_image``.
 - ``infer-*``: one denoising step with true CFG (two DiT calls + CFG combine + Euler step), each through its
-  pipeline's own model call and scheduler.
+  pipeline's own model call and scheduler; ``infer-bf16-batchcfg``: diffusmith's one call on both sides.
 
     python benchmarks/run.py [--device cpu|cuda] [--runs 10] [--warmup 3] [--json PATH] [--modes ...]
                              [--impls ...] [--results benchmarks/RESULTS.md] [--size mid|small|overhead]
@@ -59,6 +59,7 @@ MODES = {
     "infer-bf16": (False, torch.bfloat16, None),
     "infer-fp32": (False, torch.float32, None),
     "infer-bf16-compile": (False, torch.bfloat16, None),
+    "infer-bf16-batchcfg": (False, torch.bfloat16, None),
 }
 # Selective checkpointing (keep matmul/attention outputs, recompute the elementwise ops) exists in diffusmith
 # only: diffusers' enable_gradient_checkpointing and diffsynth's flag recompute whole blocks.
@@ -68,6 +69,16 @@ MODES = {
 # so that the compiled step is timed alternating with what the peers' tools run.
 COMPILED = {mode for mode in MODES if mode.endswith("-compile")}
 DIFFUSERS_COMPILES = {"train-bf16-compile", "infer-bf16-compile"}
+# `-batchcfg`: diffusmith runs true CFG's two predictions as one batch (`batch_cfg=True`, the default of a
+# streamed DiT); the peers have no such option and run their two DiT calls in the same rotation. In these modes
+# every implementation's negative prompt is a quarter of the positive's real tokens (a short negative prompt,
+# as in use), so the batch pays for padding the negative and masking the padding.
+BATCHED_CFG = {"infer-bf16-batchcfg"}
+
+
+def negative_tokens(size: Size, mode: str) -> int:
+    """The negative prompt's real tokens in ``mode``."""
+    return max(1, size.text_valid // 4) if mode in BATCHED_CFG else size.text_valid
 
 
 def compiles(impl: str, mode: str) -> bool:
@@ -195,10 +206,10 @@ class Context:
     def cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return t.to(device=self.device, dtype=dtype if t.is_floating_point() else t.dtype)
 
-    def prompt_inputs(self, impl: str, emb: torch.Tensor,
-                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def prompt_inputs(self, impl: str, emb: torch.Tensor, dtype: torch.dtype,
+                      tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(prompt embeddings, mask or None)`` as ``impl``'s own prompt step gives them for one prompt of
-        ``size.text_valid`` real tokens.
+        ``tokens`` (default ``size.text_valid``) real tokens.
 
         - diffusmith: ``encode_prompt`` keeps the real tokens and returns mask None when all are real (always
           at batch 1; tested in tests/test_text_encoder.py).
@@ -209,8 +220,9 @@ class Context:
 
         With ``padded_text`` diffusmith and diffusers get all ``size.text_len`` tokens and the padding mask.
         """
-        valid = self.size.text_valid
-        mask = self.cast(self.inputs.mask, dtype)
+        valid = tokens or self.size.text_valid
+        mask = self.cast(self.inputs.mask, dtype).clone()
+        mask[:, valid:] = 0
         emb = self.cast(emb, dtype)
         if impl == "diffsynth":
             return emb[:, :valid], mask[:, :valid]
@@ -290,7 +302,7 @@ def upcast_lora(params) -> bool:
 
 def build_diffusmith(ctx: Context, mode: str) -> Runner:
     from diffusmith.core.memory import compile_repeated_blocks
-    from diffusmith.pipelines.qwen_image import QwenImagePipeline, QwenImageUnit_NoiseInitializer, cfg_combine
+    from diffusmith.pipelines.qwen_image import QwenImagePipeline, QwenImageUnit_NoiseInitializer, join_cfg_sides
     from diffusmith.schedulers.flow_match import TimestepSampling
     from diffusmith.training.module import LossSpec, TrainableSpec, TrainingModule
     from diffusmith.training.optim import make_optimizer
@@ -330,18 +342,17 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
     pipe.dit.eval()
     if compiles("diffusmith", mode):
         pipe.compile()  # what `diffusmith generate --compile` does
-    neg, neg_mask = ctx.prompt_inputs("diffusmith", inp.neg, dtype)
+    neg, neg_mask = ctx.prompt_inputs("diffusmith", inp.neg, dtype, negative_tokens(size, mode))
     pipe.scheduler.set_timesteps(1000, image_seq_len=size.image_tokens, device=ctx.device)
     state = {"latents": ctx.cast(inp.noise, dtype), "i": 0}
+    posi, nega = {"prompt_emb": emb, "prompt_emb_mask": mask}, {"prompt_emb": neg, "prompt_emb_mask": neg_mask}
+    if mode in BATCHED_CFG:  # as __call__ does with batch_cfg=True: the sides joined once, before the loop
+        posi, nega = join_cfg_sides(posi, nega), None
 
     @torch.no_grad()
     def infer_step() -> None:  # the body of QwenImagePipeline.__call__'s loop
         i, latents = state["i"], state["latents"]
-        timestep = pipe.scheduler.timesteps[i]
-        velocity = pipe.model_fn(pipe.dit, latents=latents, timestep=timestep, prompt_emb=emb, prompt_emb_mask=mask)
-        velocity_neg = pipe.model_fn(pipe.dit, latents=latents, timestep=timestep, prompt_emb=neg,
-                                     prompt_emb_mask=neg_mask)
-        velocity = cfg_combine(velocity, velocity_neg, CFG_SCALE)
+        velocity = pipe.guided_velocity({}, posi, nega, latents, pipe.scheduler.timesteps[i], CFG_SCALE)
         state["latents"] = pipe.scheduler.step(velocity, i, latents)
         state["i"] = i + 1
 
@@ -462,7 +473,7 @@ def build_diffusers(ctx: Context, mode: str) -> Runner:
     transformer.eval()
     if compiles("diffusers", mode):
         transformer.compile_repeated_blocks()
-    neg, neg_mask = ctx.prompt_inputs("diffusers", inp.neg, dtype)
+    neg, neg_mask = ctx.prompt_inputs("diffusers", inp.neg, dtype, negative_tokens(size, mode))
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     n = 1000
     mu = calculate_shift(size.image_tokens, 256, 8192, 0.5, 0.9)
@@ -547,7 +558,7 @@ def build_diffsynth(ctx: Context, mode: str) -> Runner:
         return Runner(train_step, pipe.dit, optimizer, notes)
 
     pipe.dit.eval()
-    neg, neg_mask = ctx.prompt_inputs("diffsynth", inp.neg, dtype)
+    neg, neg_mask = ctx.prompt_inputs("diffsynth", inp.neg, dtype, negative_tokens(size, mode))
     pipe.scheduler.set_timesteps(1000, denoising_strength=1.0, dynamic_shift_len=size.image_tokens)
     shared = {"latents": ctx.cast(inp.noise, dtype), "height": size.pixels, "width": size.pixels}
     posi = {"prompt_emb": emb, "prompt_emb_mask": mask}
@@ -663,6 +674,8 @@ def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, 
             runners[name] = BUILDERS[name](ctx, mode)
             if mode in COMPILED and not compiles(name, mode):
                 runners[name].notes.append("its eager step in the -compile modes it has no compilation for")
+            if mode in BATCHED_CFG and name != "diffusmith":
+                runners[name].notes.append("its two DiT calls per CFG step in -batchcfg (it has no batched CFG)")
         except Exception as e:
             logger.error("%s %s: setup failed:\n%s", name, mode, traceback.format_exc())
             results[name] = {"error": f"setup: {type(e).__name__}: {e}"}
@@ -841,7 +854,9 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
               "`--compile` (torch.compile of each block) and, in train-bf16-compile and infer-bf16-compile, "
               "diffusers' `compile_repeated_blocks()` (the same regional compilation; its training script does not "
               "compile); a peer without compilation runs its eager step in the same rotation (the ratios are against "
-              "the best peer of the row). "
+              "the best peer of the row); `-batchcfg` is diffusmith's batched CFG (`batch_cfg=True`: one DiT call "
+              "on both sides, the negative padded and masked) against the peers' two calls, all with a negative "
+              "prompt of a quarter of the positive's tokens. "
               "`peak MB` = this implementation's "
               "weights + optimizer state (counted exactly) + the peak memory above that level during one step "
               f"({mem_note}). Ratios < 1 favour diffusmith. Targets: train-bf16 time <= 0.8x and memory <= 0.9x of "

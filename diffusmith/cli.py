@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
     gen.add_argument("--dtype", default="bf16" if _cuda() else "fp32", help="bf16, fp16 or fp32")
     gen.add_argument("--offload", default="none", choices=["none", "model", "sequential"])
+    gen.add_argument("--batch-cfg", action=argparse.BooleanOptionalAction, default=None,
+                     help="run true CFG's two predictions as one batch (default: with --offload sequential, "
+                          "where it halves the weights streamed per step)")
     gen.add_argument("--tiled", action="store_true", help="encode/decode with the VAE in tiles")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile each transformer block (faster steps after slow first ones)")
@@ -287,7 +290,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
                  input_image=args.input_image, denoising_strength=args.denoising_strength,
                  height=args.height, width=args.width, seed=args.seed, num_inference_steps=args.steps,
-                 tiled=args.tiled)
+                 tiled=args.tiled, batch_cfg=args.batch_cfg)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial{output.suffix}")
     image.save(partial)

@@ -90,3 +90,17 @@ def test_debug_shows_the_traceback(tmp_path):
            "--prompt", "p", "-o", str(tmp_path / "o.png")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_generate_batch_cfg_flag_reaches_the_pipeline(tiny_qwen, tmp_path, monkeypatch):
+    from diffusmith import QwenImagePipeline
+
+    seen = []
+    call = QwenImagePipeline.__call__
+    monkeypatch.setattr(QwenImagePipeline, "__call__",
+                        lambda self, *a, **kw: seen.append(kw["batch_cfg"]) or call(self, *a, **kw))
+    folder, _ = tiny_qwen
+    cfg = ["--model", str(folder), "--cfg-scale", "4", "--negative-prompt", " "]
+    for flag in ([], ["--batch-cfg"], ["--no-batch-cfg"]):
+        assert main([*BASE, *cfg, *flag, "-o", str(tmp_path / "out.png")]) == 0
+    assert seen == [None, True, False]  # None: the pipeline's default (batched when streamed)

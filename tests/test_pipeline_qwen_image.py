@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from diffusmith import DiffusmithError, PipelineUnit, QwenImagePipeline
-from diffusmith.pipelines.qwen_image import QwenImageUnit_InputImageEmbedder
+from diffusmith.pipelines.qwen_image import QwenImageUnit_InputImageEmbedder, join_cfg_sides
 
 STEPS = 3
 
@@ -43,11 +43,14 @@ def test_text_to_image_matches_reference_without_cfg(tiny_qwen, pipe, height, wi
     assert np.abs(got - expected).max() <= 1
 
 
+@pytest.mark.parametrize("batch_cfg", [False, True])
 @pytest.mark.parametrize("height,width", [(64, 64), (96, 64)])
-def test_text_to_image_matches_reference_with_true_cfg(tiny_qwen, pipe, height, width):
+def test_text_to_image_matches_reference_with_true_cfg(tiny_qwen, pipe, height, width, batch_cfg):
+    """Both ways of running true CFG: the two predictions one after the other (the reference's way) and as
+    one batch, with the shorter negative prompt padded and masked."""
     _, ref = tiny_qwen
     expected = reference_picture(ref, height, width, seed=3, negative_prompt=" ", cfg=4.0)
-    got = ours(pipe, height, width, seed=3, negative_prompt=" ", cfg=4.0)
+    got = ours(pipe, height, width, seed=3, negative_prompt=" ", cfg=4.0, batch_cfg=batch_cfg)
     without_cfg = ours(pipe, height, width, seed=3)
     assert np.abs(got - expected).max() <= 1
     assert np.abs(got - without_cfg).max() > 1  # CFG really changed the picture
@@ -133,8 +136,67 @@ def test_image_to_image_strength_keeps_the_input_closer(pipe):
 def test_offload_gives_the_same_picture(tiny_qwen, pipe, offload):
     folder, _ = tiny_qwen
     offloaded = QwenImagePipeline.from_pretrained(folder, offload=offload)
-    kw = dict(negative_prompt=" ", cfg=4.0)
+    kw = dict(negative_prompt=" ", cfg=4.0, batch_cfg=False)  # the same computation, so the same bits
     assert np.array_equal(ours(offloaded, 64, 64, seed=9, **kw), ours(pipe, 64, 64, seed=9, **kw))
+
+
+def _count_block_calls(pipe):
+    """The batch size of every DiT block call, in order."""
+    calls = []
+    for block in pipe.dit.transformer_blocks:
+        block.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["image"].shape[0]),
+                                        with_kwargs=True)
+    return calls
+
+
+def test_sequential_offload_batches_cfg_and_streams_each_block_once_per_step(tiny_qwen, pipe):
+    """Streamed block by block, a true-CFG step moves every block to the device once (one batch of two),
+    not twice; the picture is the one of two separate predictions, up to the masked padding's last bits."""
+    folder, _ = tiny_qwen
+    streamed = QwenImagePipeline.from_pretrained(folder, offload="sequential")
+    assert streamed.batches_cfg() and not pipe.batches_cfg()
+    calls = _count_block_calls(streamed)
+    kw = dict(negative_prompt=" ", cfg=4.0)
+    batched = ours(streamed, 64, 64, seed=9, **kw)
+    blocks = len(streamed.dit.transformer_blocks)
+    assert calls == [2] * (STEPS * blocks)  # one call per block and step, on both sides at once
+    calls.clear()
+    separate = ours(streamed, 64, 64, seed=9, batch_cfg=False, **kw)
+    assert calls == [1] * (2 * STEPS * blocks)
+    assert np.abs(batched - separate).max() <= 1
+    assert np.abs(batched - ours(pipe, 64, 64, seed=9, **kw)).max() <= 1
+
+
+def test_join_cfg_sides_pads_the_shorter_prompt_and_masks_the_padding():
+    pos, neg = torch.randn(1, 5, 8), torch.randn(1, 3, 8)
+    joined = join_cfg_sides({"prompt_emb": pos, "prompt_emb_mask": None}, {"prompt_emb": neg})
+    assert joined["prompt_emb"].shape == (2, 5, 8)
+    assert torch.equal(joined["prompt_emb"][0], pos[0]) and torch.equal(joined["prompt_emb"][1, :3], neg[0])
+    assert not joined["prompt_emb"][1, 3:].any()
+    assert joined["prompt_emb_mask"].tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    # a side's own padding mask is kept; equal lengths without masks need no mask at all
+    own = join_cfg_sides({"prompt_emb": pos, "prompt_emb_mask": torch.tensor([[1, 1, 1, 1, 0]])},
+                         {"prompt_emb": pos, "prompt_emb_mask": None})
+    assert own["prompt_emb_mask"].tolist() == [[True] * 4 + [False], [True] * 5]
+    same = join_cfg_sides({"prompt_emb": pos}, {"prompt_emb": pos, "prompt_emb_mask": None})
+    assert same["prompt_emb_mask"] is None and same["prompt_emb"].shape == (2, 5, 8)
+
+
+def test_batched_cfg_velocity_equals_two_predictions(pipe):
+    """The guided velocity of one step, batched and separate, in float32: equal to ~1e-6. Without the padding
+    mask (the error this guards against) the batched one is far off."""
+    torch.manual_seed(0)
+    dim = pipe.dit.config.joint_attention_dim
+    posi = {"prompt_emb": torch.randn(1, 7, dim), "prompt_emb_mask": None}
+    nega = {"prompt_emb": torch.randn(1, 2, dim), "prompt_emb_mask": None}
+    latents, timestep = torch.randn(1, 16, 8, 8), torch.tensor(700.0)
+    with torch.no_grad():
+        separate = pipe.guided_velocity({}, posi, nega, latents, timestep, 4.0)
+        joined = join_cfg_sides(posi, nega)
+        batched = pipe.guided_velocity({}, joined, None, latents, timestep, 4.0)
+        unmasked = pipe.guided_velocity({}, {**joined, "prompt_emb_mask": None}, None, latents, timestep, 4.0)
+    torch.testing.assert_close(batched, separate, atol=1e-5, rtol=1e-5)
+    assert (unmasked - separate).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("offload", ["none", "sequential"])
@@ -144,7 +206,9 @@ def test_compiled_blocks_give_the_same_picture(tiny_qwen, pipe, offload):
     compiled = QwenImagePipeline.from_pretrained(folder, offload=offload)
     compiled.compile(backend="eager", fullgraph=True)
     kw = dict(negative_prompt=" ", cfg=4.0)
-    assert np.array_equal(ours(compiled, 64, 64, seed=9, **kw), ours(pipe, 64, 64, seed=9, **kw))
+    # streamed, it batches the CFG sides by default: compare with the same computation
+    same = ours(pipe, 64, 64, seed=9, batch_cfg=compiled.batches_cfg(), **kw)
+    assert np.array_equal(ours(compiled, 64, 64, seed=9, **kw), same)
     with pytest.raises(DiffusmithError, match="already compiled"):
         compiled.compile()
     with pytest.raises(DiffusmithError, match="repeated"):

@@ -181,6 +181,13 @@ class BasePipeline:
                            self.height_division_factor, new_w, new_h)
         return new_h, new_w
 
+    def batches_cfg(self, batch_cfg: bool | None = None) -> bool:
+        """Whether a true-CFG step runs both sides as one batch: ``batch_cfg``, or by default (None) where
+        the models are streamed to the device block by block (``offload="sequential"``)."""
+        if batch_cfg is None:
+            return self.placer.mode is OffloadMode.SEQUENTIAL
+        return bool(batch_cfg)
+
     def run_units(self, shared: dict, posi: dict, nega: dict, cfg: bool) -> tuple[dict, dict, dict]:
         for unit in self.units:
             shared, posi, nega = run_unit(self, unit, shared, posi, nega, cfg)
