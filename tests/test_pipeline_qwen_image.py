@@ -180,6 +180,9 @@ def test_join_cfg_sides_pads_the_shorter_prompt_and_masks_the_padding():
     assert own["prompt_emb_mask"].tolist() == [[True] * 4 + [False], [True] * 5]
     same = join_cfg_sides({"prompt_emb": pos}, {"prompt_emb": pos, "prompt_emb_mask": None})
     assert same["prompt_emb_mask"] is None and same["prompt_emb"].shape == (2, 5, 8)
+    # a per-side tensor it does not know how to join is refused, not dropped
+    with pytest.raises(DiffusmithError, match="batch_cfg=False"):
+        join_cfg_sides({"prompt_emb": pos, "edit_latents": pos}, {"prompt_emb": neg})
 
 
 def test_batched_cfg_velocity_equals_two_predictions(pipe):
@@ -247,6 +250,7 @@ def test_sizes_round_to_multiples_of_16_with_a_warning(pipe, caplog):
     (dict(denoising_strength=1.5, input_image=Image.new("RGB", (64, 64))), "denoising_strength"),
     (dict(input_image="does/not/exist.png"), "not found"),
     (dict(cfg_scale=-1.0), "cfg_scale"),
+    (dict(batch_cfg="yes"), "batch_cfg must be True, False or None"),
 ])
 def test_bad_call_arguments_raise_one_line_errors(pipe, kwargs, match):
     args = dict(prompt="x", height=64, width=64, num_inference_steps=1, progress_bar=False)

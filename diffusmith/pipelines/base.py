@@ -186,7 +186,9 @@ class BasePipeline:
         the models are streamed to the device block by block (``offload="sequential"``)."""
         if batch_cfg is None:
             return self.placer.mode is OffloadMode.SEQUENTIAL
-        return bool(batch_cfg)
+        if not isinstance(batch_cfg, bool):
+            raise DiffusmithError(f"batch_cfg must be True, False or None (automatic), got {batch_cfg!r}")
+        return batch_cfg
 
     def run_units(self, shared: dict, posi: dict, nega: dict, cfg: bool) -> tuple[dict, dict, dict]:
         for unit in self.units:

@@ -127,12 +127,20 @@ def model_fn_qwen_image(dit: QwenImageDiT, latents: torch.Tensor, timestep: torc
                gradient_checkpointing_mode=gradient_checkpointing_mode)
 
 
+_TEXT_INPUTS = ("prompt_emb", "prompt_emb_mask")  # the per-side model inputs join_cfg_sides joins
+
+
 def join_cfg_sides(posi: dict, nega: dict) -> dict:
     """The positive and negative text inputs as one batch, positive first: the shorter prompt is padded with
     zero embeddings to the longer one's length and its padding masked (an all-real batch keeps mask None).
 
     One DiT call on the joined batch gives both velocities: the same numbers as two calls, up to the last bits
     of the masked attention (tested)."""
+    unknown = sorted(k for side in (posi, nega) for k, v in side.items()
+                     if isinstance(v, torch.Tensor) and k not in _TEXT_INPUTS)
+    if unknown:
+        raise DiffusmithError(f"batched CFG cannot join the per-side input(s) {', '.join(unknown)}; "
+                              "run with batch_cfg=False")
     embs = [posi["prompt_emb"], nega["prompt_emb"]]
     masks = [posi.get("prompt_emb_mask"), nega.get("prompt_emb_mask")]
     length = max(e.shape[1] for e in embs)
@@ -298,6 +306,7 @@ class QwenImagePipeline(BasePipeline):
         if cfg_scale < 0:
             raise DiffusmithError(f"cfg_scale must be >= 0, got {cfg_scale}")
         cfg = cfg_scale != 1.0
+        batched = self.batches_cfg(batch_cfg) and cfg
         # the schedule depends on the final size, so settle it before the units that read timesteps
         if input_image is not None:
             input_image = load_image(input_image)
@@ -312,7 +321,6 @@ class QwenImagePipeline(BasePipeline):
         shared, posi, nega = self.run_units(shared, posi, nega, cfg)
 
         self.load_models_to_device(["dit"])
-        batched = self.batches_cfg(batch_cfg) and cfg
         if batched:
             posi, nega = join_cfg_sides(posi, nega), None
         latents = shared["latents"]
