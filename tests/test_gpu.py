@@ -34,11 +34,19 @@ def test_cuda_picture_matches_the_reference(tiny_qwen):
 @pytest.mark.parametrize("offload", ["model", "sequential"])
 def test_offload_on_the_gpu_gives_the_same_picture_and_frees_the_device(tiny_qwen, offload):
     folder, _ = tiny_qwen
-    base = picture(QwenImagePipeline.from_pretrained(folder, device="cuda"))
     pipe = QwenImagePipeline.from_pretrained(folder, device="cuda", offload=offload)
+    # streamed, the CFG sides run as one batch by default: compare with the same computation
+    base = picture(QwenImagePipeline.from_pretrained(folder, device="cuda"), batch_cfg=pipe.batches_cfg())
     assert np.array_equal(picture(pipe), base)
     # after the call the DiT waits in CPU memory (model: the VAE was the last model moved; sequential: always)
     assert next(pipe.dit.parameters()).device.type == "cpu"
+
+
+def test_batched_cfg_on_the_gpu_gives_the_picture_of_two_predictions(tiny_qwen):
+    """One batch of two with the shorter negative prompt padded and masked (SDPA's masked kernel on CUDA)."""
+    folder, _ = tiny_qwen
+    pipe = QwenImagePipeline.from_pretrained(folder, device="cuda")
+    assert np.abs(picture(pipe, batch_cfg=True) - picture(pipe, batch_cfg=False)).max() <= 1
 
 
 def test_bf16_picture_is_close_to_fp32(tiny_qwen):
