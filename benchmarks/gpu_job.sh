@@ -8,7 +8,11 @@
 #           (also with a short negative prompt, separate and batched CFG; about 7 minutes)
 #   PART=3  the mid-size checkpointing modes alternated (eager, compiled), then real size compiled
 #           (--compile): the same training and inference steps (about 8 minutes)
-# PART=all (the default) runs all three one after the other.
+#   PART=key  what a session with one device call should measure first (about 9 minutes): the GPU checks, the
+#           mid-size side by side in train-bf16, train-bf16-compile, infer-bf16 and infer-bf16-batchcfg, the
+#           real-size compiled selective-checkpointing step (the MFU target), block swap and the inference
+#           step with a short negative prompt, separate and batched
+# PART=all (the default) runs parts 1-3 one after the other.
 set -x
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/diffusmith-bench}
@@ -21,6 +25,21 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; free -g; nproc;
   python3 -c "import importlib.metadata as m; print({p: m.version(p) for p in ('torch', 'diffusers', 'diffsynth', 'transformers', 'peft', 'einops')})"; } 2>&1 | tee -a "$LOG"
+
+if [ "$PART" = key ]; then
+timeout 80 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_memory.py tests/test_checkpoint.py \
+  -p no:cacheprovider 2>&1 | tee -a "$LOG"
+timeout 150 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
+  --modes train-bf16 train-bf16-compile infer-bf16 infer-bf16-batchcfg \
+  --json "$OUT/bench_gpu.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+timeout 110 python3 benchmarks/gpu.py --compile --gc-mode selective --warmup 3 --json "$OUT/gpu_real_sgc_compile.json" \
+  --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+timeout 100 python3 benchmarks/gpu.py --block-swap 22 --json "$OUT/gpu_swap.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+for batch in "" --batch-cfg; do
+  timeout 50 python3 benchmarks/gpu.py --infer --negative-len 64 $batch --json "$OUT/gpu_infer_neg64$batch.json" \
+    --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+done
+fi
 
 if part 1; then
 # the checks that need a GPU (real device placement, bf16 on CUDA, block swap, CUDA RNG in checkpoints)
