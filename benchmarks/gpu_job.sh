@@ -12,7 +12,9 @@
 #           mid-size side by side in train-bf16, train-bf16-compile, infer-bf16 and infer-bf16-batchcfg, the
 #           real-size compiled selective-checkpointing step (the MFU target), block swap and the inference
 #           step with a short negative prompt, separate and batched
-# PART=all (the default) runs parts 1-3 one after the other.
+#   PART=4  real-size inference with every block streamed from pinned host memory (what --offload sequential
+#           does to the DiT: block swap with no block resident), separate and batched CFG (about 3 minutes)
+# PART=all (the default) runs parts 1-4 one after the other.
 set -x
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/diffusmith-bench}
@@ -86,6 +88,15 @@ timeout 110 python3 benchmarks/gpu.py --compile --warmup 3 --json "$OUT/gpu_real
   --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 timeout 80 python3 benchmarks/gpu.py --infer --compile --warmup 3 --json "$OUT/gpu_infer_compile.json" \
   --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+fi
+
+if part 4; then
+# --offload sequential's DiT: all 60 blocks (41 GB) in pinned host memory, each copied while the previous
+# one computes; batched CFG moves each block once per step instead of twice
+for batch in "" --batch-cfg; do
+  timeout 120 python3 benchmarks/gpu.py --infer --block-swap 0 --negative-len 64 $batch \
+    --json "$OUT/gpu_infer_streamed$batch.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+done
 fi
 
 ls -la "$OUT"

@@ -37,9 +37,12 @@ def test_offload_on_the_gpu_gives_the_same_picture_and_frees_the_device(tiny_qwe
     pipe = QwenImagePipeline.from_pretrained(folder, device="cuda", offload=offload)
     # streamed, the CFG sides run as one batch by default: compare with the same computation
     base = picture(QwenImagePipeline.from_pretrained(folder, device="cuda"), batch_cfg=pipe.batches_cfg())
-    assert np.array_equal(picture(pipe), base)
-    # after the call the DiT waits in CPU memory (model: the VAE was the last model moved; sequential: always)
-    assert next(pipe.dit.parameters()).device.type == "cpu"
+    assert np.abs(picture(pipe) - base).max() <= (0 if offload == "model" else 1)
+    # after the call the DiT's blocks wait in CPU memory (model: the VAE was the last model moved; sequential:
+    # always, pinned, while the few modules outside the blocks stay on the device)
+    assert {p.device.type for p in pipe.dit.transformer_blocks.parameters()} == {"cpu"}
+    if offload == "sequential":
+        assert all(p.is_pinned() for p in pipe.dit.transformer_blocks.parameters())
 
 
 def test_batched_cfg_on_the_gpu_gives_the_picture_of_two_predictions(tiny_qwen):

@@ -223,8 +223,11 @@ def test_pipeline_lora_works_with_sequential_offload(tiny_qwen, trained):
     plain = QwenImagePipeline.from_pretrained(folder)
     plain.load_lora(trained.path, scale=0.8)
     streamed = QwenImagePipeline.from_pretrained(folder, offload="sequential")
+    without = picture(streamed)
     streamed.load_lora(trained.path, scale=0.8)  # weights are merged where the offload hooks keep them
-    assert np.array_equal(picture(streamed), picture(plain))
+    # within 1/255: the streamed blocks run on fresh device copies (see test_offload_gives_the_same_picture)
+    assert np.abs(picture(streamed) - picture(plain)).max() <= 1
+    assert np.abs(picture(streamed) - without).max() > 1  # the LoRA reached the streamed weights
 
 
 # ---- peft layers for training ------------------------------------------------------------------------------

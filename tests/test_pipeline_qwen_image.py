@@ -136,8 +136,12 @@ def test_image_to_image_strength_keeps_the_input_closer(pipe):
 def test_offload_gives_the_same_picture(tiny_qwen, pipe, offload):
     folder, _ = tiny_qwen
     offloaded = QwenImagePipeline.from_pretrained(folder, offload=offload)
-    kw = dict(negative_prompt=" ", cfg=4.0, batch_cfg=False)  # the same computation, so the same bits
-    assert np.array_equal(ours(offloaded, 64, 64, seed=9, **kw), ours(pipe, 64, 64, seed=9, **kw))
+    kw = dict(negative_prompt=" ", cfg=4.0, batch_cfg=False)  # the same computation
+    # model offload runs on the loaded weights themselves: the same bits; sequential offload runs on fresh
+    # device copies of the blocks, whose other memory alignment changes the products' last bits (velocities
+    # within 4e-7 of each other on this model)
+    tolerance = 0 if offload == "model" else 1
+    assert np.abs(ours(offloaded, 64, 64, seed=9, **kw) - ours(pipe, 64, 64, seed=9, **kw)).max() <= tolerance
 
 
 def _count_block_calls(pipe):
@@ -149,20 +153,30 @@ def _count_block_calls(pipe):
     return calls
 
 
-def test_sequential_offload_batches_cfg_and_streams_each_block_once_per_step(tiny_qwen, pipe):
+def test_sequential_offload_batches_cfg_and_streams_each_block_once_per_step(tiny_qwen, pipe, monkeypatch):
     """Streamed block by block, a true-CFG step moves every block to the device once (one batch of two),
-    not twice; the picture is the one of two separate predictions, up to the masked padding's last bits."""
+    not twice, each block copied ahead while the one before it computes; the picture is the one of two
+    separate predictions, up to the masked padding's last bits."""
+    import diffusmith.core.memory as memory
+
+    swaps = []
+    enable = memory.enable_block_swap
+    monkeypatch.setattr(memory, "enable_block_swap", lambda *a, **kw: swaps.append(enable(*a, **kw)) or swaps[-1])
     folder, _ = tiny_qwen
     streamed = QwenImagePipeline.from_pretrained(folder, offload="sequential")
     assert streamed.batches_cfg() and not pipe.batches_cfg()
+    (swap,) = swaps  # the DiT's blocks (the text encoder and the VAE move module by module)
+    assert len(swap.blocks) == len(streamed.dit.transformer_blocks)
     calls = _count_block_calls(streamed)
     kw = dict(negative_prompt=" ", cfg=4.0)
     batched = ours(streamed, 64, 64, seed=9, **kw)
     blocks = len(streamed.dit.transformer_blocks)
     assert calls == [2] * (STEPS * blocks)  # one call per block and step, on both sides at once
+    assert swap.stats == {"fetches": 0, "prefetches": STEPS * blocks, "backward_fetches": 0}
     calls.clear()
     separate = ours(streamed, 64, 64, seed=9, batch_cfg=False, **kw)
     assert calls == [1] * (2 * STEPS * blocks)
+    assert swap.stats["prefetches"] == 3 * STEPS * blocks and swap.stats["fetches"] == 0
     assert np.abs(batched - separate).max() <= 1
     assert np.abs(batched - ours(pipe, 64, 64, seed=9, **kw)).max() <= 1
 
@@ -209,9 +223,10 @@ def test_compiled_blocks_give_the_same_picture(tiny_qwen, pipe, offload):
     compiled = QwenImagePipeline.from_pretrained(folder, offload=offload)
     compiled.compile(backend="eager", fullgraph=True)
     kw = dict(negative_prompt=" ", cfg=4.0)
-    # streamed, it batches the CFG sides by default: compare with the same computation
+    # streamed, it batches the CFG sides by default: compare with the same computation (on fresh copies of
+    # the blocks, up to the last bits: see test_offload_gives_the_same_picture)
     same = ours(pipe, 64, 64, seed=9, batch_cfg=compiled.batches_cfg(), **kw)
-    assert np.array_equal(ours(compiled, 64, 64, seed=9, **kw), same)
+    assert np.abs(ours(compiled, 64, 64, seed=9, **kw) - same).max() <= (0 if offload == "none" else 1)
     with pytest.raises(DiffusmithError, match="already compiled"):
         compiled.compile()
     with pytest.raises(DiffusmithError, match="repeated"):

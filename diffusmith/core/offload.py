@@ -3,7 +3,9 @@
 - ``none``: every model stays on the compute device.
 - ``model``: models wait in CPU memory; ``load_models_to_device(names)`` moves just the named ones over.
 - ``sequential``: weights stay in (pinned) CPU memory and each block / layer is copied to the device just
-  before it runs and dropped right after, so the model never needs more than one block of device memory.
+  before it runs and dropped right after. A model with repeated blocks (the DiT) streams them through block
+  swap with no block resident: the next block is copied on a side CUDA stream while the current one
+  computes, so two blocks of device memory at most, and its few modules outside the blocks stay on the device.
 """
 
 from __future__ import annotations
@@ -62,16 +64,18 @@ class _Streamer:
 
 
 def enable_sequential_offload(model: nn.Module, device: torch.device) -> None:
-    """Stream ``model`` block by block: its repeated blocks (declared by the model as ``repeated_blocks``,
-    the name of a ModuleList) move as a whole, every other module with own tensors moves on its own."""
-    blocks_name = getattr(model, "repeated_blocks", None)
-    blocks = list(getattr(model, blocks_name)) if blocks_name else []
-    inside_blocks = {id(m) for b in blocks for m in b.modules()}
-    for block in blocks:
-        _Streamer(block, device, recurse=True)
+    """Stream ``model`` to ``device`` as it runs.
+
+    A model with repeated blocks (declared as ``repeated_blocks``, the name of a ModuleList) gets block swap
+    with no block kept on the device (:func:`diffusmith.core.memory.enable_block_swap`): each block's copy
+    overlaps the previous block's compute, and the modules outside the blocks move to the device for good.
+    Any other model moves module by module, each module with own tensors just before it runs."""
+    if getattr(model, "repeated_blocks", None):
+        from .memory import enable_block_swap
+
+        enable_block_swap(model, device, blocks_on_device=0)
+        return
     for module in model.modules():
-        if id(module) in inside_blocks:
-            continue
         has_own = any(True for _ in module.parameters(recurse=False)) or any(
             True for _ in module.buffers(recurse=False))
         if has_own:
