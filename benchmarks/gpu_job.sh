@@ -13,7 +13,8 @@
 #           real-size compiled selective-checkpointing step (the MFU target), block swap and the inference
 #           step with a short negative prompt, separate and batched
 #   PART=4  real-size inference with every block streamed from pinned host memory (what --offload sequential
-#           does to the DiT: block swap with no block resident), separate and batched CFG (about 3 minutes)
+#           does to the DiT: block swap with no block resident), separate and batched CFG, and with 22 blocks
+#           resident (generate --block-swap 22) (about 5 minutes)
 # PART=all (the default) runs parts 1-4 one after the other.
 set -x
 export PYTHONUNBUFFERED=1
@@ -97,6 +98,9 @@ for batch in "" --batch-cfg; do
   timeout 120 python3 benchmarks/gpu.py --infer --block-swap 0 --negative-len 64 $batch \
     --json "$OUT/gpu_infer_streamed$batch.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 done
+# generate --block-swap 22 (sized for a 24 GB card): 38 blocks streamed, batched CFG (its default)
+timeout 100 python3 benchmarks/gpu.py --infer --block-swap 22 --negative-len 64 --batch-cfg \
+  --json "$OUT/gpu_infer_swap22.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 fi
 
 ls -la "$OUT"

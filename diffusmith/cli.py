@@ -100,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
     gen.add_argument("--dtype", default="bf16" if _cuda() else "fp32", help="bf16, fp16 or fp32")
     gen.add_argument("--offload", default="none", choices=["none", "model", "sequential"])
+    gen.add_argument("--block-swap", type=_non_negative_int, default=None, metavar="N",
+                     help="keep the DiT's last N blocks on the GPU and stream the others from CPU memory, each "
+                          "copied while the one before it computes (implies --offload sequential)")
     gen.add_argument("--batch-cfg", action=argparse.BooleanOptionalAction, default=None,
-                     help="run true CFG's two predictions as one batch (default: with --offload sequential, "
-                          "where it halves the weights streamed per step)")
+                     help="run true CFG's two predictions as one batch (default: with --offload sequential or "
+                          "--block-swap, where it halves the weights streamed per step)")
     gen.add_argument("--tiled", action="store_true", help="encode/decode with the VAE in tiles")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile each transformer block (faster steps after slow first ones)")
@@ -282,7 +285,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     lora_scales = _lora_scales(args.lora, args.lora_scale)
     overrides = {"transformer": args.transformer} if args.transformer else {}
     pipe = QwenImagePipeline.from_pretrained(args.model, device=args.device, torch_dtype=args.dtype,
-                                             offload=args.offload, allow_pickle=args.allow_pickle, **overrides)
+                                             offload=args.offload, allow_pickle=args.allow_pickle,
+                                             block_swap=args.block_swap, **overrides)
     for path, scale in zip(args.lora, lora_scales, strict=True):
         pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
     if args.compile:

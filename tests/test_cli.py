@@ -61,6 +61,7 @@ def test_inspect_tells_which_model_a_file_is(tiny_qwen, capsys):
     (["--model", "{model}", "--dtype", "fp7"], "unknown dtype"),
     (["--model", "{model}", "--input-image", "missing.png"], "input image not found"),
     (["--model", "{model}", "-o", "{tmp}/picture.gif"], "must end in"),
+    (["--model", "{model}", "--offload", "model", "--block-swap", "1"], "use --block-swap with --offload sequential"),
 ])
 def test_user_mistakes_are_one_line(tiny_qwen, tmp_path, capsys, extra, match):
     folder, _ = tiny_qwen
@@ -76,6 +77,7 @@ def test_user_mistakes_are_one_line(tiny_qwen, tmp_path, capsys, extra, match):
     (["generate", "--modle", "x", "--prompt", "p", "-o", "o.png"], "did you mean --model"),
     (["generate", "--model", "x", "--prompt", "p", "--steps", "-3", "-o", "o.png"], "positive integer"),
     (["generate", "--model", "x", "--prompt", "p", "--denoising-strength", "2", "-o", "o.png"], "(0, 1]"),
+    (["generate", "--model", "x", "--prompt", "p", "--block-swap", "-1", "-o", "o.png"], "integer >= 0"),
 ])
 def test_bad_flags_are_one_line(capsys, argv, match):
     with pytest.raises(SystemExit) as info:
@@ -104,3 +106,20 @@ def test_generate_batch_cfg_flag_reaches_the_pipeline(tiny_qwen, tmp_path, monke
     for flag in ([], ["--batch-cfg"], ["--no-batch-cfg"]):
         assert main([*BASE, *cfg, *flag, "-o", str(tmp_path / "out.png")]) == 0
     assert seen == [None, True, False]  # None: the pipeline's default (batched when streamed)
+
+
+def test_generate_block_swap_streams_the_dit_blocks(tiny_qwen, tmp_path, monkeypatch):
+    import diffusmith.core.memory as memory
+
+    kept = []
+    enable = memory.enable_block_swap
+    monkeypatch.setattr(memory, "enable_block_swap",
+                        lambda model, device, blocks_on_device: kept.append(blocks_on_device)
+                        or enable(model, device, blocks_on_device))
+    folder, _ = tiny_qwen
+    plain, swapped = tmp_path / "plain.png", tmp_path / "swapped.png"
+    assert main([*BASE, "--model", str(folder), "-o", str(plain)]) == 0
+    assert main([*BASE, "--model", str(folder), "--block-swap", "1", "-o", str(swapped)]) == 0
+    assert kept == [1]  # implies sequential offload, one DiT block kept on the device
+    diff = np.abs(np.asarray(Image.open(plain), dtype=np.int16) - np.asarray(Image.open(swapped), dtype=np.int16))
+    assert diff.max() <= 1

@@ -181,6 +181,34 @@ def test_sequential_offload_batches_cfg_and_streams_each_block_once_per_step(tin
     assert np.abs(batched - ours(pipe, 64, 64, seed=9, **kw)).max() <= 1
 
 
+def test_block_swap_keeps_the_last_blocks_and_streams_the_others(tiny_qwen, pipe, monkeypatch):
+    import diffusmith.core.memory as memory
+
+    swaps = []
+    enable = memory.enable_block_swap
+    monkeypatch.setattr(memory, "enable_block_swap", lambda *a, **kw: swaps.append(enable(*a, **kw)) or swaps[-1])
+    folder, _ = tiny_qwen
+    swapped = QwenImagePipeline.from_pretrained(folder, block_swap=1)  # implies sequential offload
+    (swap,) = swaps
+    blocks = len(swapped.dit.transformer_blocks)
+    assert sorted(swap.blocks) == list(range(blocks - 1))  # all but the last one streamed
+    assert swapped.batches_cfg()
+    kw = dict(negative_prompt=" ", cfg=4.0)
+    assert np.abs(ours(swapped, 64, 64, seed=9, **kw) - ours(pipe, 64, 64, seed=9, **kw)).max() <= 1
+    assert swap.stats["prefetches"] == STEPS * (blocks - 1) and swap.stats["fetches"] == 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(block_swap=-1), "number of blocks >= 0"),
+    (dict(block_swap="2"), "number of blocks >= 0"),
+    (dict(block_swap=True), "number of blocks >= 0"),
+    (dict(block_swap=2, offload="model"), "use --block-swap with --offload sequential"),
+])
+def test_bad_block_swap_is_refused_before_loading(tmp_path, kwargs, match):
+    with pytest.raises(DiffusmithError, match=match):
+        QwenImagePipeline.from_pretrained(tmp_path / "not-even-a-model", **kwargs)
+
+
 def test_join_cfg_sides_pads_the_shorter_prompt_and_masks_the_padding():
     pos, neg = torch.randn(1, 5, 8), torch.randn(1, 3, 8)
     joined = join_cfg_sides({"prompt_emb": pos, "prompt_emb_mask": None}, {"prompt_emb": neg})

@@ -63,17 +63,18 @@ class _Streamer:
             t.data = host
 
 
-def enable_sequential_offload(model: nn.Module, device: torch.device) -> None:
+def enable_sequential_offload(model: nn.Module, device: torch.device, blocks_on_device: int = 0) -> None:
     """Stream ``model`` to ``device`` as it runs.
 
     A model with repeated blocks (declared as ``repeated_blocks``, the name of a ModuleList) gets block swap
-    with no block kept on the device (:func:`diffusmith.core.memory.enable_block_swap`): each block's copy
-    overlaps the previous block's compute, and the modules outside the blocks move to the device for good.
-    Any other model moves module by module, each module with own tensors just before it runs."""
+    (:func:`diffusmith.core.memory.enable_block_swap`): its last ``blocks_on_device`` blocks stay on the
+    device, each other block is copied there while the one before it computes, and the modules outside the
+    blocks move to the device for good. Any other model moves module by module, each module with own tensors
+    just before it runs."""
     if getattr(model, "repeated_blocks", None):
         from .memory import enable_block_swap
 
-        enable_block_swap(model, device, blocks_on_device=0)
+        enable_block_swap(model, device, blocks_on_device=blocks_on_device)
         return
     for module in model.modules():
         has_own = any(True for _ in module.parameters(recurse=False)) or any(
@@ -82,12 +83,27 @@ def enable_sequential_offload(model: nn.Module, device: torch.device) -> None:
             _Streamer(module, device, recurse=False)
 
 
-class ModelPlacer:
-    """Applies an offload mode to the models of a pipeline."""
+def check_block_swap(mode: OffloadMode, block_swap: int | None) -> OffloadMode:
+    """The offload mode that ``block_swap`` (blocks of the denoiser kept on the device, the rest streamed)
+    asks for: sequential; None leaves ``mode`` as it is."""
+    if block_swap is None:
+        return mode
+    if isinstance(block_swap, bool) or not isinstance(block_swap, int) or block_swap < 0:
+        raise DiffusmithError(f"--block-swap must be a number of blocks >= 0, got {block_swap!r}")
+    if mode is OffloadMode.MODEL:
+        raise DiffusmithError("--block-swap streams the DiT's other blocks, which --offload model moves whole: "
+                              "use --block-swap with --offload sequential (or alone)")
+    return OffloadMode.SEQUENTIAL
 
-    def __init__(self, pipe: Any, mode: OffloadMode):
+
+class ModelPlacer:
+    """Applies an offload mode to the models of a pipeline (``block_swap``: with ``sequential``, the blocks of
+    a model with repeated blocks that stay on the device)."""
+
+    def __init__(self, pipe: Any, mode: OffloadMode, block_swap: int | None = None):
         self.pipe = pipe
-        self.mode = mode
+        self.mode = check_block_swap(mode, block_swap)
+        self.blocks_on_device = block_swap or 0
 
     def place_all(self) -> None:
         """Initial placement, once the models are loaded (CPU-resident after loading)."""
@@ -95,7 +111,7 @@ class ModelPlacer:
             if self.mode is OffloadMode.NONE:
                 model.to(self.pipe.device)
             elif self.mode is OffloadMode.SEQUENTIAL:
-                enable_sequential_offload(model, self.pipe.device)
+                enable_sequential_offload(model, self.pipe.device, self.blocks_on_device)
             else:
                 model.to(OFFLOAD_DEVICE)
 

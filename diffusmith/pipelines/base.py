@@ -104,13 +104,13 @@ class BasePipeline:
 
     def __init__(self, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32,
                  offload: OffloadMode | str = "none", height_division_factor: int = 16,
-                 width_division_factor: int = 16):
+                 width_division_factor: int = 16, block_swap: int | None = None):
         self.device = torch.device(device)
         self.torch_dtype = torch_dtype
         self.height_division_factor = height_division_factor
         self.width_division_factor = width_division_factor
         self.units: list[PipelineUnit] = []
-        self.placer = ModelPlacer(self, OffloadMode.parse(offload))
+        self.placer = ModelPlacer(self, OffloadMode.parse(offload), block_swap)
 
     # ---- models on the device ---------------------------------------------------------------------
     def models(self) -> dict[str, torch.nn.Module]:

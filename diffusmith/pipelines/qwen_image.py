@@ -204,8 +204,8 @@ class QwenImagePipeline(BasePipeline):
     latent_channels = 16
 
     def __init__(self, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32,
-                 offload: str = "none"):
-        super().__init__(device=device, torch_dtype=torch_dtype, offload=offload)
+                 offload: str = "none", block_swap: int | None = None):
+        super().__init__(device=device, torch_dtype=torch_dtype, offload=offload, block_swap=block_swap)
         self.scheduler = FlowMatchScheduler()
         self.text_encoder: torch.nn.Module | None = None
         self.tokenizer = None
@@ -228,12 +228,16 @@ class QwenImagePipeline(BasePipeline):
     def from_pretrained(cls, model: str | Path, device: str | torch.device = "cpu",
                         torch_dtype: torch.dtype | str = torch.float32, offload: str = "none",
                         allow_pickle: bool = False, models: Sequence[str] | None = None,
-                        **overrides: str | Path) -> QwenImagePipeline:
+                        block_swap: int | None = None, **overrides: str | Path) -> QwenImagePipeline:
         """Load a Qwen-Image folder in the official layout (or a hub repo id, downloaded on first use).
 
-        ``models`` loads only these (e.g. ``["dit"]`` to train from a feature cache); ``overrides`` replace a
-        component by a loose file, e.g. ``transformer="my_finetune.safetensors"``."""
-        pipe = cls(device=resolve_device(device), torch_dtype=resolve_dtype(torch_dtype), offload=offload)
+        ``offload``: ``"none"``, ``"model"`` or ``"sequential"`` (see :mod:`diffusmith.core.offload`);
+        ``block_swap=N`` keeps the DiT's last N blocks on the device and streams the others (sequential
+        offload, which it implies); ``models`` loads only these (e.g. ``["dit"]`` to train from a feature
+        cache); ``overrides`` replace a component by a loose file, e.g.
+        ``transformer="my_finetune.safetensors"``."""
+        pipe = cls(device=resolve_device(device), torch_dtype=resolve_dtype(torch_dtype), offload=offload,
+                   block_swap=block_swap)
         root = resolve_model_path(model)
         unknown = set(overrides) - {folder for _, folder, _, _ in COMPONENTS}
         if unknown:
