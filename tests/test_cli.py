@@ -123,3 +123,19 @@ def test_generate_block_swap_streams_the_dit_blocks(tiny_qwen, tmp_path, monkeyp
     assert kept == [1]  # implies sequential offload, one DiT block kept on the device
     diff = np.abs(np.asarray(Image.open(plain), dtype=np.int16) - np.asarray(Image.open(swapped), dtype=np.int16))
     assert diff.max() <= 1
+
+
+def test_generate_fp8_flag_stores_the_dit_in_fp8(tiny_qwen, tmp_path, monkeypatch):
+    import diffusmith.pipelines.qwen_image as qwen
+
+    converted = []
+    enable = qwen.enable_fp8_storage
+    monkeypatch.setattr(qwen, "enable_fp8_storage", lambda model: converted.append(enable(model)))
+    folder, _ = tiny_qwen
+    plain, fp8 = tmp_path / "plain.png", tmp_path / "fp8.png"
+    assert main([*BASE, "--model", str(folder), "-o", str(plain)]) == 0
+    assert converted == []
+    assert main([*BASE, "--model", str(folder), "--fp8", "-o", str(fp8)]) == 0
+    assert len(converted) == 1 and converted[0]  # the DiT's block Linears
+    diff = np.abs(np.asarray(Image.open(plain), dtype=np.int16) - np.asarray(Image.open(fp8), dtype=np.int16))
+    assert diff.max() <= 4

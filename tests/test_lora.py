@@ -29,6 +29,7 @@ from diffusmith.core.lora import (
     save_lora,
     set_lora_weights,
 )
+from diffusmith.core.memory import enable_fp8_storage
 from diffusmith.models.qwen_image.dit import PRESETS, QwenImageDiT
 
 pytest.importorskip("peft")
@@ -228,6 +229,23 @@ def test_pipeline_lora_works_with_sequential_offload(tiny_qwen, trained):
     # within 1/255: the streamed blocks run on fresh device copies (see test_offload_gives_the_same_picture)
     assert np.abs(picture(streamed) - picture(plain)).max() <= 1
     assert np.abs(picture(streamed) - without).max() > 1  # the LoRA reached the streamed weights
+
+
+def test_pipeline_lora_merges_into_fp8_weights(tiny_qwen, trained):
+    folder, _ = tiny_qwen
+    plain = QwenImagePipeline.from_pretrained(folder)
+    plain.load_lora(trained.path, scale=0.8)
+    fp8 = QwenImagePipeline.from_pretrained(folder, fp8=True)
+    without = picture(fp8)
+    fp8.load_lora(trained.path, scale=0.8)  # dequantized, summed and quantized again, layer by layer
+    merged = picture(fp8)
+    assert np.abs(merged - without).max() > 1  # the LoRA reached the fp8 weights
+    # as close to the full-precision merge as fp8 storage of the merged weights (one rounding instead of
+    # two: within twice its error)
+    exact = picture(plain)
+    enable_fp8_storage(plain.dit)
+    once = np.abs(picture(plain) - exact).mean()
+    assert 0 < np.abs(merged - exact).mean() <= 2 * once
 
 
 # ---- peft layers for training ------------------------------------------------------------------------------

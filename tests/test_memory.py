@@ -247,6 +247,26 @@ def test_fp8_linear_is_the_linear_of_its_dequantized_weight():
         assert fp8(x).dtype == torch.bfloat16
 
 
+def test_fp8_linear_add_merges_a_delta_in_place_at_fp8_precision():
+    """A LoRA merged into an fp8 layer: the sum of the dequantized weight and the delta, quantized again with
+    new row scales, in the same tensors (what offload hooks point at)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 24)
+    linear.weight.requires_grad_(False)
+    fp8 = Fp8Linear(linear, torch.float8_e4m3fn)
+    weight, scale = fp8.weight, fp8.weight_scale
+    before = fp8.dequantized_weight()
+    delta = torch.randn(24, 48) * 0.5  # large enough to change the rows' ranges, hence their scales
+    fp8.add_(delta)
+    assert fp8.weight is weight and fp8.weight_scale is scale and fp8.weight.dtype == torch.float8_e4m3fn
+    expected = before + delta
+    assert ((fp8.dequantized_weight() - expected).abs() <= expected.abs() / 16 + 1e-12).all()
+    assert not torch.equal(fp8.weight_scale, Fp8Linear(linear, torch.float8_e4m3fn).weight_scale)
+    fp8.add_(-delta)  # taking it out again: back to the first weight up to the two roundings (each <= 1/16)
+    first = expected.abs() / 16
+    assert ((fp8.dequantized_weight() - before).abs() <= first + (before.abs() + first) / 16 + 1e-12).all()
+
+
 def test_fp8_storage_keeps_the_loss_close_and_trains_the_lora():
     loss_ref, grads_ref = loss_and_grads(lora_dit())
     model = lora_dit()

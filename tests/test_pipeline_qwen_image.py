@@ -198,6 +198,27 @@ def test_block_swap_keeps_the_last_blocks_and_streams_the_others(tiny_qwen, pipe
     assert swap.stats["prefetches"] == STEPS * (blocks - 1) and swap.stats["fetches"] == 0
 
 
+def test_fp8_storage_draws_nearly_the_same_picture_in_a_quarter_of_the_block_memory(tiny_qwen, pipe):
+    from diffusmith.core.memory import Fp8Linear
+
+    folder, _ = tiny_qwen
+    fp8 = QwenImagePipeline.from_pretrained(folder, fp8=True)
+    blocks = fp8.dit.transformer_blocks
+    assert isinstance(blocks[0].attn.to_q, Fp8Linear) and isinstance(blocks[-1].img_mlp.net[2], Fp8Linear)
+    linears = [n for n, m in pipe.dit.transformer_blocks.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert all(isinstance(blocks.get_submodule(n), Fp8Linear) for n in linears)
+    weight_bytes = sum(blocks.get_submodule(n).weight.nbytes for n in linears)
+    assert weight_bytes * 4 == sum(pipe.dit.transformer_blocks.get_submodule(n).weight.nbytes for n in linears)
+    kw = dict(negative_prompt=" ", cfg=4.0)
+    exact, rounded = ours(pipe, 64, 64, seed=9, **kw), ours(fp8, 64, 64, seed=9, **kw)
+    other_seed = ours(pipe, 64, 64, seed=10, **kw)
+    assert np.abs(rounded - exact).mean() < 0.05 * np.abs(other_seed - exact).mean()  # fp8 rounding, no more
+    assert np.abs(rounded - exact).max() <= 4
+    # with block swap: fp8 weights streamed, the same picture up to the fresh copies' last bits
+    streamed = QwenImagePipeline.from_pretrained(folder, fp8=True, block_swap=1)
+    assert np.abs(ours(streamed, 64, 64, seed=9, **kw) - rounded).max() <= 1
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(block_swap=-1), "number of blocks >= 0"),
     (dict(block_swap="2"), "number of blocks >= 0"),

@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import DiffusmithError
 from .devices import resolve_dtype
 from .loading import find_weight_files, load_state_dict, read_safetensors_metadata
+from .memory import Fp8Linear
 
 __all__ = [
     "LoraPair",
@@ -301,7 +302,11 @@ def apply_lora(model: nn.Module, lora: LoraWeights, scale: float = 1.0) -> None:
 def _merge(model: nn.Module, modules: Mapping[str, nn.Module], lora: LoraWeights, scale: float) -> None:
     with torch.no_grad():
         for name, pair in lora.items():
-            weight = _linear_for(modules[name]).weight
+            layer = _linear_for(modules[name])
+            weight = layer.weight
+            if isinstance(layer, Fp8Linear):  # fp8 storage: dequantized, summed, quantized again
+                layer.add_(pair.delta(weight.device) * scale)
+                continue
             merged = weight.float() + pair.delta(weight.device) * scale
             weight.copy_(merged)  # in place: offload hooks keep pointing at the same storage
 

@@ -307,6 +307,15 @@ def _fp8_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | N
 _fp8_linear.register_autograd(_fp8_linear_backward, setup_context=_fp8_linear_setup)
 
 
+def _quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fp8 weight, float32 scale per output row)`` such that ``fp8 * scale[:, None]`` is ``weight`` up to
+    fp8 rounding; each row uses fp8's full range."""
+    with torch.no_grad():
+        w = weight.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / torch.finfo(dtype).max  # (out,)
+        return (w / scale[:, None]).to(dtype), scale
+
+
 class Fp8Linear(nn.Module):
     """A frozen Linear whose weight is stored in float8 with a per-output-row scale (``weight * scale[:, None]``
     is the original weight up to fp8 rounding). It computes in the input's dtype (or the autocast dtype).
@@ -317,13 +326,22 @@ class Fp8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        with torch.no_grad():
-            w = linear.weight.detach().float()
-            scale = w.abs().amax(dim=1).clamp(min=1e-12) / torch.finfo(dtype).max  # (out,)
-            weight = (w / scale[:, None]).to(dtype)
+        weight, scale = _quantize(linear.weight.detach(), dtype)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias  # kept as it is (same parameter)
         self.register_buffer("weight_scale", scale, persistent=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight this layer computes with."""
+        return self.weight.float() * self.weight_scale[:, None]
+
+    @torch.no_grad()
+    def add_(self, delta: torch.Tensor) -> None:
+        """Add ``delta`` (``(out, in)``) to the weight in place (a merged LoRA): the sum is taken in float32 and
+        stored in fp8 again with new row scales, in the same tensors (offload hooks keep pointing at them)."""
+        weight, scale = _quantize(self.dequantized_weight() + delta.to(self.weight.device), self.weight.dtype)
+        self.weight.copy_(weight)
+        self.weight_scale.copy_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = x.device.type
@@ -342,7 +360,7 @@ def _float8_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         dtype = getattr(torch, "float8_e4m3fn", None)
     if dtype is None:
         raise DiffusmithError(f"this torch ({torch.__version__}) has no float8 dtypes; fp8 weight storage needs "
-                              "torch >= 2.1: upgrade torch or leave out --fp8-base")
+                              "torch >= 2.1: upgrade torch or leave out --fp8-base / --fp8")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize != 1:
         raise DiffusmithError(f"fp8 storage needs a float8 dtype (e.g. torch.float8_e4m3fn), got {dtype}")
     return dtype
@@ -381,7 +399,7 @@ def enable_fp8_storage(model: nn.Module, dtype: torch.dtype | str | None = None,
             converted.append(full_name)
     if not converted:
         raise DiffusmithError(f"no frozen Linear layer in the {type(model).__name__}'s blocks to store in fp8 "
-                              "(with --full every weight trains): leave out --fp8-base")
+                              "(with --full every weight trains): leave out --fp8-base / --fp8")
     logger.info("fp8 storage (%s): %d Linear weights", str(dtype).removeprefix("torch."), len(converted))
     return converted
 
