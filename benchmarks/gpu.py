@@ -134,7 +134,7 @@ def run(args) -> dict:
     result["forward_tflop"] = forward_flops / 1e12
 
     if args.infer:
-        dit.eval()
+        dit.eval().requires_grad_(False)  # as a loaded pipeline component (block swap and fp8 take frozen weights)
         # model FLOPs of the two predictions, each over its own prompt's tokens (a padded negative's extra
         # tokens in the batched call are not credited)
         step_flops = forward_flops + dit_forward_flops(cfg, image_tokens, neg.shape[1])
@@ -187,6 +187,12 @@ def run(args) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    if args.fp8:  # generate --fp8 / train --fp8-base: the blocks' frozen Linears in float8 (before block swap)
+        from diffusmith.core.memory import enable_fp8_storage
+
+        enable_fp8_storage(dit)
+        result["fp8"] = True
+        result["weights_gb"] = common.module_bytes(dit) / GiB
     if args.compile:
         from diffusmith.core.memory import compile_repeated_blocks
 
@@ -264,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--negative-len", type=int, default=None, help="--infer: negative prompt tokens "
                         "(default: --text-len)")
     parser.add_argument("--batch-cfg", action="store_true", help="--infer: both CFG predictions as one batch")
+    parser.add_argument("--fp8", action="store_true", help="the blocks' frozen Linear weights in float8")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--lora-dtype", choices=["fp32", "as-is"], default="fp32")
     parser.add_argument("--no-gc", action="store_true", help="train without gradient checkpointing")
@@ -299,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:
         tag = (f"gpu.py:{result['mode']}" + (f"-swap{args.block_swap}" if args.block_swap is not None else "")
                + ("-selective" if args.gc_mode == "selective" and not args.infer else "")
+               + ("-fp8" if args.fp8 else "")
                + ("-compile" if args.compile else "")
                + (f"-neg{args.negative_len}" if args.infer and args.negative_len else "")
                + ("-batchcfg" if args.infer and args.batch_cfg else ""))
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(r: dict) -> str:
     """One short section per gpu.py run, for RESULTS.md."""
     title = {"train": "LoRA training step", "infer": "inference step (true CFG)"}[r["mode"]]
-    if r["mode"] == "infer":
+    if r["mode"] == "infer" and "negative_tokens" in r:
         title += (f", negative prompt {r['negative_tokens']} tokens"
                   + (", both predictions as one batch" if r["batch_cfg"] else ""))
     swap = f", block swap: {r['block_swap']} blocks on the GPU" if r.get("block_swap") is not None else ""
@@ -318,9 +326,10 @@ def markdown(r: dict) -> str:
         return f"{head}\n\n`{r['command']}` failed: {r['error']}"
     mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
     mfu_hw = "-" if r.get("mfu_hw") is None else f"{100 * r['mfu_hw']:.1f}%"
+    storage = "fp8 block weights" if r.get("fp8") else "bf16"
     lines = [
         head, "",
-        f"{r['device']}, torch {r['torch']}; {r['layers']} blocks ({r['params_b']:.2f}B parameters, bf16, "
+        f"{r['device']}, torch {r['torch']}; {r['layers']} blocks ({r['params_b']:.2f}B parameters, {storage}, "
         f"{r['weights_gb']:.1f} GiB), {r['pixels']}x{r['pixels']} ({r['image_tokens']} image tokens), text "
         f"{r['text_tokens']} tokens, batch 1" + (f", LoRA {r['lora_params_m']:.1f}M ({r['lora_dtype']}), "
                                                  f"gradient checkpointing {r.get('gc_mode', 'full')}, AdamW"

@@ -14,7 +14,7 @@
 #           step with a short negative prompt, separate and batched
 #   PART=4  real-size inference with every block streamed from pinned host memory (what --offload sequential
 #           does to the DiT: block swap with no block resident), separate and batched CFG, and with 22 blocks
-#           resident (generate --block-swap 22) (about 5 minutes)
+#           resident (generate --block-swap 22), and fp8 weights resident and streamed (about 8 minutes)
 # PART=all (the default) runs parts 1-4 one after the other.
 set -x
 export PYTHONUNBUFFERED=1
@@ -101,6 +101,11 @@ done
 # generate --block-swap 22 (sized for a 24 GB card): 38 blocks streamed, batched CFG (its default)
 timeout 100 python3 benchmarks/gpu.py --infer --block-swap 22 --negative-len 64 --batch-cfg \
   --json "$OUT/gpu_infer_swap22.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+# generate --fp8: resident (21 GB of weights), and streamed (half the bytes per step)
+timeout 60 python3 benchmarks/gpu.py --infer --fp8 --negative-len 64 --batch-cfg \
+  --json "$OUT/gpu_infer_fp8.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+timeout 100 python3 benchmarks/gpu.py --infer --fp8 --block-swap 0 --negative-len 64 --batch-cfg \
+  --json "$OUT/gpu_infer_fp8_streamed.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 fi
 
 ls -la "$OUT"
