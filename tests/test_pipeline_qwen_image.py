@@ -237,6 +237,8 @@ def test_join_cfg_sides_pads_the_shorter_prompt_and_masks_the_padding():
     assert torch.equal(joined["prompt_emb"][0], pos[0]) and torch.equal(joined["prompt_emb"][1, :3], neg[0])
     assert not joined["prompt_emb"][1, 3:].any()
     assert joined["prompt_emb_mask"].tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    longer_negative = join_cfg_sides({"prompt_emb": neg}, {"prompt_emb": pos})
+    assert longer_negative["prompt_emb_mask"].tolist() == [[True] * 3 + [False] * 2, [True] * 5]
     # a side's own padding mask is kept; equal lengths without masks need no mask at all
     own = join_cfg_sides({"prompt_emb": pos, "prompt_emb_mask": torch.tensor([[1, 1, 1, 1, 0]])},
                          {"prompt_emb": pos, "prompt_emb_mask": None})
