@@ -52,6 +52,17 @@ def test_batched_cfg_on_the_gpu_gives_the_picture_of_two_predictions(tiny_qwen):
     assert np.abs(picture(pipe, batch_cfg=True) - picture(pipe, batch_cfg=False)).max() <= 1
 
 
+def test_fp8_block_swap_on_the_gpu_gives_the_resident_fp8_picture(tiny_qwen):
+    """generate --fp8 --block-swap 1: fp8 blocks streamed from pinned memory on the side stream."""
+    folder, _ = tiny_qwen
+    resident = picture(QwenImagePipeline.from_pretrained(folder, device="cuda", fp8=True), batch_cfg=True)
+    pipe = QwenImagePipeline.from_pretrained(folder, device="cuda", fp8=True, block_swap=1)
+    assert np.abs(picture(pipe) - resident).max() <= 1
+    streamed = pipe.dit.transformer_blocks[0]
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in streamed.parameters())
+    assert all(p.device.type == "cuda" for p in pipe.dit.transformer_blocks[-1].parameters())
+
+
 def test_bf16_picture_is_close_to_fp32(tiny_qwen):
     folder, _ = tiny_qwen
     fp32 = picture(QwenImagePipeline.from_pretrained(folder, device="cuda"))
