@@ -138,7 +138,9 @@ def run(args) -> dict:
         # model FLOPs of the two predictions, each over its own prompt's tokens (a padded negative's extra
         # tokens in the batched call are not credited)
         step_flops = forward_flops + dit_forward_flops(cfg, image_tokens, neg.shape[1])
-        hw_flops = 2 * forward_flops if args.batch_cfg else step_flops
+        # the batched call computes both sides at the longer prompt's length
+        padded = dit_forward_flops(cfg, image_tokens, max(args.text_len, neg.shape[1]))
+        hw_flops = 2 * padded if args.batch_cfg else step_flops
         pipe.scheduler.set_timesteps(1000, image_seq_len=image_tokens, device=device)
         state = {"latents": torch.randn(1, 16, latent, latent, generator=g).to(device, torch.bfloat16), "i": 0}
         neg_mask = None if mask is None else mask[:, :neg.shape[1]]

@@ -144,6 +144,17 @@ def test_offload_gives_the_same_picture(tiny_qwen, pipe, offload):
     assert np.abs(ours(offloaded, 64, 64, seed=9, **kw) - ours(pipe, 64, 64, seed=9, **kw)).max() <= tolerance
 
 
+@pytest.fixture
+def block_swaps(monkeypatch):
+    """Every BlockSwap made while the test runs, in order."""
+    import diffusmith.core.memory as memory
+
+    made = []
+    enable = memory.enable_block_swap
+    monkeypatch.setattr(memory, "enable_block_swap", lambda *a, **kw: made.append(enable(*a, **kw)) or made[-1])
+    return made
+
+
 def _count_block_calls(pipe):
     """The batch size of every DiT block call, in order."""
     calls = []
@@ -153,19 +164,14 @@ def _count_block_calls(pipe):
     return calls
 
 
-def test_sequential_offload_batches_cfg_and_streams_each_block_once_per_step(tiny_qwen, pipe, monkeypatch):
+def test_sequential_offload_batches_cfg_and_streams_each_block_once_per_step(tiny_qwen, pipe, block_swaps):
     """Streamed block by block, a true-CFG step moves every block to the device once (one batch of two),
     not twice, each block copied ahead while the one before it computes; the picture is the one of two
     separate predictions, up to the masked padding's last bits."""
-    import diffusmith.core.memory as memory
-
-    swaps = []
-    enable = memory.enable_block_swap
-    monkeypatch.setattr(memory, "enable_block_swap", lambda *a, **kw: swaps.append(enable(*a, **kw)) or swaps[-1])
     folder, _ = tiny_qwen
     streamed = QwenImagePipeline.from_pretrained(folder, offload="sequential")
     assert streamed.batches_cfg() and not pipe.batches_cfg()
-    (swap,) = swaps  # the DiT's blocks (the text encoder and the VAE move module by module)
+    (swap,) = block_swaps  # the DiT's blocks (the text encoder and the VAE move module by module)
     assert len(swap.blocks) == len(streamed.dit.transformer_blocks)
     calls = _count_block_calls(streamed)
     kw = dict(negative_prompt=" ", cfg=4.0)
@@ -181,15 +187,10 @@ def test_sequential_offload_batches_cfg_and_streams_each_block_once_per_step(tin
     assert np.abs(batched - ours(pipe, 64, 64, seed=9, **kw)).max() <= 1
 
 
-def test_block_swap_keeps_the_last_blocks_and_streams_the_others(tiny_qwen, pipe, monkeypatch):
-    import diffusmith.core.memory as memory
-
-    swaps = []
-    enable = memory.enable_block_swap
-    monkeypatch.setattr(memory, "enable_block_swap", lambda *a, **kw: swaps.append(enable(*a, **kw)) or swaps[-1])
+def test_block_swap_keeps_the_last_blocks_and_streams_the_others(tiny_qwen, pipe, block_swaps):
     folder, _ = tiny_qwen
     swapped = QwenImagePipeline.from_pretrained(folder, block_swap=1)  # implies sequential offload
-    (swap,) = swaps
+    (swap,) = block_swaps
     blocks = len(swapped.dit.transformer_blocks)
     assert sorted(swap.blocks) == list(range(blocks - 1))  # all but the last one streamed
     assert swapped.batches_cfg()

@@ -65,6 +65,13 @@ def _gib(tensors: Iterable[torch.Tensor]) -> float:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def check_block_count(blocks_on_device: object) -> int:
+    """``blocks_on_device`` if it is a valid ``--block-swap`` value (an int >= 0), else a one-line error."""
+    if isinstance(blocks_on_device, bool) or not isinstance(blocks_on_device, int) or blocks_on_device < 0:
+        raise DiffusmithError(f"--block-swap must be a number of blocks >= 0, got {blocks_on_device!r}")
+    return blocks_on_device
+
+
 class _HostRef:
     """What autograd keeps of a swapped weight it saved for backward: the host copy and the geometry of the
     saved tensor (often a view such as ``weight.t()``) on the device copy it was taken from."""
@@ -100,8 +107,7 @@ class BlockSwap:
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str, blocks_on_device: int):
-        if isinstance(blocks_on_device, bool) or not isinstance(blocks_on_device, int) or blocks_on_device < 0:
-            raise DiffusmithError(f"--block-swap must be a number of blocks >= 0, got {blocks_on_device!r}")
+        check_block_count(blocks_on_device)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())

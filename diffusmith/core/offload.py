@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import DiffusmithError
+from . import memory
 
 OFFLOAD_DEVICE = torch.device("cpu")
 
@@ -40,11 +41,11 @@ class OffloadMode(str, enum.Enum):
 class _Streamer:
     """Copies one module's tensors to the device before its forward and points them back after."""
 
-    def __init__(self, module: nn.Module, device: torch.device, recurse: bool):
+    def __init__(self, module: nn.Module, device: torch.device):
         self.device = device
         self.tensors: list[tuple[Any, torch.Tensor]] = []
         pin = device.type == "cuda" and torch.cuda.is_available()
-        for t in [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]:
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             host = t.data.to(OFFLOAD_DEVICE)
             if pin:
                 host = host.pin_memory()
@@ -72,15 +73,13 @@ def enable_sequential_offload(model: nn.Module, device: torch.device, blocks_on_
     blocks move to the device for good. Any other model moves module by module, each module with own tensors
     just before it runs."""
     if getattr(model, "repeated_blocks", None):
-        from .memory import enable_block_swap
-
-        enable_block_swap(model, device, blocks_on_device=blocks_on_device)
+        memory.enable_block_swap(model, device, blocks_on_device=blocks_on_device)
         return
     for module in model.modules():
         has_own = any(True for _ in module.parameters(recurse=False)) or any(
             True for _ in module.buffers(recurse=False))
         if has_own:
-            _Streamer(module, device, recurse=False)
+            _Streamer(module, device)
 
 
 def check_block_swap(mode: OffloadMode, block_swap: int | None) -> OffloadMode:
@@ -88,8 +87,7 @@ def check_block_swap(mode: OffloadMode, block_swap: int | None) -> OffloadMode:
     asks for: sequential; None leaves ``mode`` as it is."""
     if block_swap is None:
         return mode
-    if isinstance(block_swap, bool) or not isinstance(block_swap, int) or block_swap < 0:
-        raise DiffusmithError(f"--block-swap must be a number of blocks >= 0, got {block_swap!r}")
+    memory.check_block_count(block_swap)
     if mode is OffloadMode.MODEL:
         raise DiffusmithError("--block-swap streams the DiT's other blocks, which --offload model moves whole: "
                               "use --block-swap with --offload sequential (or alone)")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..core.checkpointing import CHECKPOINTING_MODES
 from ..core.devices import resolve_device
+from ..core.memory import check_block_count
 from ..errors import DiffusmithError
 from ..schedulers.flow_match import TimestepSampling
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
@@ -107,9 +108,8 @@ class TrainConfig:
             raise DiffusmithError(f"unknown --optimizer {self.optimizer!r}: use adamw or adamw8bit")
         if self.validate_every and not self.validation_prompts:
             raise DiffusmithError("--validate-every needs at least one --validation-prompt")
-        if self.block_swap is not None and (isinstance(self.block_swap, bool) or not isinstance(self.block_swap, int)
-                                            or self.block_swap < 0):
-            raise DiffusmithError(f"--block-swap must be a number of blocks >= 0, got {self.block_swap!r}")
+        if self.block_swap is not None:
+            check_block_count(self.block_swap)
         if self.full and self.block_swap is not None:
             raise DiffusmithError("block swap keeps frozen weights off the GPU; it does not work with --full")
         if self.full and self.fp8_base:
