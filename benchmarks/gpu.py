@@ -13,28 +13,32 @@ host). ``--block-swap N`` keeps all blocks but the last N in pinned host memory
 
     python benchmarks/gpu.py [--infer] [--block-swap N] [--steps 5] [--warmup 2] [--layers K] [--json PATH]
 
-MFU: the DiT's matmul FLOPs are counted analytically. One forward ``F`` = for each stream, 2 x (weights of its
-Linears) x (its tokens), plus 4 x L^2 x D per block for attention (L = text + image tokens, D = width). A
-training step is credited ``3F`` ("model FLOPs": forward + backward); ``mfu_hw`` credits ``4F`` (the forward
-recomputed by checkpointing as well). With frozen base weights a LoRA step computes no weight gradients, so
-what actually runs is about F (forward) + F (recompute) + F (input gradients) = 3F: for this step ``mfu``
-is also the hardware utilisation. An inference step is credited ``2F`` (two CFG forwards; with a shorter
-negative prompt, each forward over its own prompt's tokens). LoRA matmuls
-(about 2% more) are not counted.
+MFU and HFU: the step's matrix-product FLOPs are counted by torch on the meta device before the timed run
+(``benchmarks/flops.py``; a few seconds of CPU, no GPU memory). ``mfu`` divides the model FLOPs (the step as
+the model needs it: no recomputation, attention as its plain products, each CFG prediction over its own
+prompt's tokens) by time and the GPU's dense bf16 peak; ``mfu_hw`` (HFU) divides what the configured step runs
+(checkpointing's recomputation, the fused attention kernel's, a batched CFG call's padding). A LoRA step
+computes no weight gradients for the frozen weights: its model FLOPs are about 2.2 forwards, not the 3 of full
+training (until 2026-12-02 this script credited 3 forwards, which overstated a LoRA step's MFU by about 1.4x).
+LoRA products are counted. With ``--compile`` the count is the eager step's (inductor's partitioner may choose
+other recomputation), and ``--fp8`` does not change it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import common
+import flops
 
 common.add_repo_to_path()
 
@@ -54,22 +58,6 @@ def peak_flops(name: str) -> float | None:
     return None
 
 
-def dit_forward_flops(cfg, image_tokens: int, text_tokens: int, batch: int = 1) -> float:
-    """Matmul FLOPs of one DiT forward (see the module docstring)."""
-    d, mlp, joint = cfg.inner_dim, cfg.mlp_ratio * cfg.inner_dim, cfg.joint_attention_dim
-    tokens = image_tokens + text_tokens
-    stream_linears = 4 * d * d + 2 * d * mlp  # q, k, v, out + MLP in/out: per stream, per token
-    per_block = (2 * stream_linears * tokens  # both streams: image tokens through one, text through the other
-                 + 2 * 2 * d * 6 * d  # AdaLN modulation of both streams, once per sample
-                 + 4 * tokens * tokens * d)  # attention: Q K^T and P V
-    outside = (2 * image_tokens * cfg.in_channels * d  # img_in
-               + 2 * text_tokens * joint * d  # txt_in
-               + 2 * image_tokens * d * cfg.patch_size ** 2 * cfg.out_channels  # proj_out
-               + 2 * d * 2 * d  # norm_out modulation
-               + 2 * (cfg.timestep_embedding_dim * d + d * d))  # timestep MLP
-    return float(batch * (cfg.num_layers * per_block + outside))
-
-
 def build_dit(cfg, device: torch.device):
     """Random bf16 DiT made directly on ``device`` (default init; weights never exist in fp32)."""
     from diffusmith.models.qwen_image.dit import QwenImageDiT
@@ -84,42 +72,19 @@ def build_dit(cfg, device: torch.device):
     return model
 
 
-def run(args) -> dict:
-    from diffusmith.models.qwen_image.dit import PRESETS
+def make_step(args, dit, device: torch.device) -> tuple[Callable[[], None], torch.optim.Optimizer | None, dict]:
+    """The timed step for ``dit`` on ``device``, its optimizer (training) and what to report of it.
+
+    On the meta device (FLOP counting) the step is the same products without the optimizer, the fp32 LoRA copy
+    and autocast, which change no product's shape."""
     from diffusmith.pipelines.qwen_image import QwenImagePipeline, QwenImageUnit_NoiseInitializer, join_cfg_sides
 
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if cuda else common.cpu_model()
-    cfg = dataclasses.replace(PRESETS["real"], num_layers=args.layers or PRESETS["real"].num_layers)
+    meta = device.type == "meta"
+    cfg = dit.config
     latent = args.size // 8
     image_tokens = (latent // 2) ** 2
     valid = args.text_valid or args.text_len
-    result: dict = {
-        "mode": "infer" if args.infer else "train",
-        "gc_mode": "none" if args.no_gc else args.gc_mode,
-        "device": name,
-        "torch": torch.__version__,
-        "layers": cfg.num_layers,
-        "pixels": args.size,
-        "image_tokens": image_tokens,
-        "text_tokens": args.text_len,
-        "text_valid": valid,
-        "batch": 1,
-        "block_swap": args.block_swap,
-    }
-    if args.infer:
-        result.update(negative_tokens=args.negative_len or args.text_len, batch_cfg=args.batch_cfg)
-
-    started = time.perf_counter()
-    dit = build_dit(cfg, device)
-    common.synchronize(device)
-    result["build_s"] = round(time.perf_counter() - started, 2)
-    result["params_b"] = sum(p.numel() for p in dit.parameters()) / 1e9
-    result["weights_gb"] = common.module_bytes(dit) / GiB
-    logger.info("built %d-layer DiT on %s in %.1f s: %.2fB parameters, %.1f GiB", cfg.num_layers, name,
-                result["build_s"], result["params_b"], result["weights_gb"])
-
+    info: dict = {}
     pipe = QwenImagePipeline(device=device, torch_dtype=torch.bfloat16)
     pipe.dit = dit
     g = torch.Generator().manual_seed(0)
@@ -130,17 +95,9 @@ def run(args) -> dict:
     if valid < args.text_len:
         mask = torch.zeros(1, args.text_len, dtype=torch.long, device=device)
         mask[:, :valid] = 1
-    forward_flops = dit_forward_flops(cfg, image_tokens, args.text_len)
-    result["forward_tflop"] = forward_flops / 1e12
 
     if args.infer:
         dit.eval().requires_grad_(False)  # as a loaded pipeline component (block swap and fp8 take frozen weights)
-        # model FLOPs of the two predictions, each over its own prompt's tokens (a padded negative's extra
-        # tokens in the batched call are not credited)
-        step_flops = forward_flops + dit_forward_flops(cfg, image_tokens, neg.shape[1])
-        # the batched call computes both sides at the longer prompt's length
-        padded = dit_forward_flops(cfg, image_tokens, max(args.text_len, neg.shape[1]))
-        hw_flops = 2 * padded if args.batch_cfg else step_flops
         pipe.scheduler.set_timesteps(1000, image_seq_len=image_tokens, device=device)
         state = {"latents": torch.randn(1, 16, latent, latent, generator=g).to(device, torch.bfloat16), "i": 0}
         neg_mask = None if mask is None else mask[:, :neg.shape[1]]
@@ -155,39 +112,103 @@ def run(args) -> dict:
             state["latents"] = pipe.scheduler.step(velocity, i, latents)
             state["i"] = i + 1
 
-        optimizer = None
-    else:
-        from diffusmith.schedulers.flow_match import TimestepSampling
-        from diffusmith.training.module import LossSpec, TrainableSpec, TrainingModule
-        from diffusmith.training.optim import make_optimizer
+        return step, None, info
 
-        step_flops = 3 * forward_flops
-        # whole-block recomputation runs the forward again; selective recomputation runs a part of it that
-        # this script does not count (the hardware-FLOPs column is left empty then)
-        hw_flops = {"none": 3 * forward_flops, "full": 4 * forward_flops}.get(
-            "none" if args.no_gc else args.gc_mode)
-        module = TrainingModule(pipe, TrainableSpec(rank=args.rank),
-                                LossSpec(sampling=TimestepSampling(), use_gradient_checkpointing=not args.no_gc,
-                                         gradient_checkpointing_mode=args.gc_mode))
-        params = list(module.trainable_parameters().values())
-        lora_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
-        if args.lora_dtype == "fp32":
-            for p in params:  # fp32 LoRA under bf16 autocast (TrainingModule leaves it in the model dtype)
-                p.data = p.data.float()
-        result["lora_params_m"] = sum(p.numel() for p in params) / 1e6
-        result["lora_dtype"] = f"{'/'.join(lora_dtypes)} -> {args.lora_dtype}"
-        optimizer = make_optimizer(params, 1e-4)
-        x0 = torch.randn(1, 16, latent, latent, generator=g).to(device, torch.bfloat16)
-        noise_unit = QwenImageUnit_NoiseInitializer()
+    from diffusmith.schedulers.flow_match import TimestepSampling
+    from diffusmith.training.module import LossSpec, TrainableSpec, TrainingModule
+    from diffusmith.training.optim import make_optimizer
 
-        def step() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                noise = noise_unit.process(pipe, height=args.size, width=args.size, seed=None, batch_size=1)
-                loss = module.loss_from_inputs({"input_latents": x0, **noise},
-                                               {"prompt_emb": emb, "prompt_emb_mask": mask})
-            loss.backward()
+    module = TrainingModule(pipe, TrainableSpec(rank=args.rank),
+                            LossSpec(sampling=TimestepSampling(), use_gradient_checkpointing=not args.no_gc,
+                                     gradient_checkpointing_mode=args.gc_mode))
+    params = list(module.trainable_parameters().values())
+    lora_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+    if args.lora_dtype == "fp32" and not meta:
+        for p in params:  # fp32 LoRA under bf16 autocast (TrainingModule leaves it in the model dtype)
+            p.data = p.data.float()
+    info["lora_params_m"] = sum(p.numel() for p in params) / 1e6
+    info["lora_dtype"] = f"{'/'.join(lora_dtypes)} -> {args.lora_dtype}"
+    optimizer = None if meta else make_optimizer(params, 1e-4)
+    x0 = torch.randn(1, 16, latent, latent, generator=g).to(device, torch.bfloat16)
+    noise_unit = QwenImageUnit_NoiseInitializer()
+
+    def step() -> None:
+        with contextlib.nullcontext() if meta else torch.autocast(device.type, dtype=torch.bfloat16):
+            noise = noise_unit.process(pipe, height=args.size, width=args.size, seed=None, batch_size=1)
+            loss = module.loss_from_inputs({"input_latents": x0, **noise},
+                                           {"prompt_emb": emb, "prompt_emb_mask": mask})
+        loss.backward()
+        if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+    return step, optimizer, info
+
+
+def step_flops(args, cfg) -> dict[str, float]:
+    """Model and hardware FLOPs of one step, counted on the meta device (see :mod:`flops`)."""
+    meta = torch.device("meta")
+
+    def counted(variant, fused_attention: bool) -> int:
+        def count(layers: int) -> int:
+            step, _, _ = make_step(variant, build_dit(dataclasses.replace(cfg, num_layers=layers), meta), meta)
+            return flops.count_flops(step, fused_attention=fused_attention)
+
+        return flops.extrapolate(count, cfg.num_layers)
+
+    # as the model needs it: no recomputation, each CFG prediction over its own prompt's tokens
+    needed = argparse.Namespace(**{**vars(args), "no_gc": True, "batch_cfg": False})
+    return {"model": counted(needed, False), "hardware": counted(args, True)}
+
+
+def run(args) -> dict:
+    from diffusmith.models.qwen_image.dit import PRESETS
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else common.cpu_model()
+    cfg = dataclasses.replace(PRESETS["real"], num_layers=args.layers or PRESETS["real"].num_layers)
+    latent = args.size // 8
+    image_tokens = (latent // 2) ** 2
+    result: dict = {
+        "mode": "infer" if args.infer else "train",
+        "gc_mode": "none" if args.no_gc else args.gc_mode,
+        "device": name,
+        "torch": torch.__version__,
+        "layers": cfg.num_layers,
+        "pixels": args.size,
+        "image_tokens": image_tokens,
+        "text_tokens": args.text_len,
+        "text_valid": args.text_valid or args.text_len,
+        "batch": 1,
+        "block_swap": args.block_swap,
+    }
+    if args.infer:
+        result.update(negative_tokens=args.negative_len or args.text_len, batch_cfg=args.batch_cfg)
+
+    started = time.perf_counter()
+    result["forward_tflop"] = flops.dit_forward_flops(cfg, image_tokens, args.text_len) / 1e12
+    try:
+        counted = step_flops(args, cfg)
+    except Exception as e:  # the timing is still worth having: MFU left empty
+        logger.error("FLOP count failed, no MFU: %s", traceback.format_exc())
+        result["flops_error"] = f"{type(e).__name__}: {e}"
+        counted = None
+    else:
+        result["model_tflop"] = counted["model"] / 1e12
+        result["hardware_tflop"] = counted["hardware"] / 1e12
+    result["flops_count_s"] = round(time.perf_counter() - started, 2)
+
+    started = time.perf_counter()
+    dit = build_dit(cfg, device)
+    common.synchronize(device)
+    result["build_s"] = round(time.perf_counter() - started, 2)
+    result["params_b"] = sum(p.numel() for p in dit.parameters()) / 1e9
+    result["weights_gb"] = common.module_bytes(dit) / GiB
+    logger.info("built %d-layer DiT on %s in %.1f s: %.2fB parameters, %.1f GiB", cfg.num_layers, name,
+                result["build_s"], result["params_b"], result["weights_gb"])
+    step, optimizer, info = make_step(args, dit, device)
+    result.update(info)
 
     if args.fp8:  # generate --fp8 / train --fp8-base: the blocks' frozen Linears in float8 (before block swap)
         from diffusmith.core.memory import enable_fp8_storage
@@ -248,18 +269,18 @@ def run(args) -> dict:
         "peak_gb": peak / GiB,
         "resident_before_gb": base / GiB,
         "optimizer_state_gb": (common.optimizer_state_bytes(optimizer) / GiB) if optimizer else 0.0,
-        "tflops_per_s": step_flops / step_s / 1e12,
     })
     peak_bf16 = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(name)
     result["peak_bf16_tflops"] = peak_bf16 / 1e12 if peak_bf16 else None
-    result["mfu"] = step_flops / step_s / peak_bf16 if peak_bf16 else None
-    result["mfu_hw"] = hw_flops / step_s / peak_bf16 if peak_bf16 and hw_flops else None
+    result["tflops_per_s"] = counted["model"] / step_s / 1e12 if counted else None
+    result["mfu"] = counted["model"] / step_s / peak_bf16 if counted and peak_bf16 else None
+    result["mfu_hw"] = counted["hardware"] / step_s / peak_bf16 if counted and peak_bf16 else None
     if swap is not None:
         result["swap_stats"] = dict(swap.stats)
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--infer", action="store_true", help="time a CFG denoising step instead of training")
     parser.add_argument("--block-swap", type=int, default=None, metavar="N", help="keep N blocks on the GPU")
@@ -285,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--results", default=None, help="a markdown file to write this run's section into")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with --layers 1")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.device == "cuda" and not torch.cuda.is_available():
         logger.error("gpu.py needs a CUDA device")
@@ -307,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.results:
         tag = (f"gpu.py:{result['mode']}" + (f"-swap{args.block_swap}" if args.block_swap is not None else "")
-               + ("-selective" if args.gc_mode == "selective" and not args.infer else "")
+               + ("-nogc" if args.no_gc and not args.infer else "")
+               + ("-selective" if args.gc_mode == "selective" and not (args.infer or args.no_gc) else "")
                + ("-fp8" if args.fp8 else "")
                + ("-compile" if args.compile else "")
                + (f"-neg{args.negative_len}" if args.infer and args.negative_len else "")
@@ -328,6 +354,9 @@ def markdown(r: dict) -> str:
         return f"{head}\n\n`{r['command']}` failed: {r['error']}"
     mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
     mfu_hw = "-" if r.get("mfu_hw") is None else f"{100 * r['mfu_hw']:.1f}%"
+    tflops = "-" if r.get("tflops_per_s") is None else f"{r['tflops_per_s']:.0f}"
+    counted = (f"{r['model_tflop']:.1f} / {r['hardware_tflop']:.1f}" if "model_tflop" in r
+               else f"not counted ({r.get('flops_error')})")
     storage = "fp8 block weights" if r.get("fp8") else "bf16"
     lines = [
         head, "",
@@ -337,10 +366,14 @@ def markdown(r: dict) -> str:
                                                  f"gradient checkpointing {r.get('gc_mode', 'full')}, AdamW"
                                                  if r["mode"] == "train" else "")
         + f". `{r['command']}`", "",
-        "| s/step (median) | steps | peak GPU GiB | TFLOP/s | MFU | MFU incl. recompute | forward TFLOP |",
+        "| s/step (median) | steps | peak GPU GiB | model TFLOP/s | MFU | HFU | TFLOP per step: model / hardware |",
         "|---|---|---|---|---|---|---|",
         f"| {r['step_s']:.3f} | {', '.join(f'{t:.3f}' for t in r['steps_s'])} | {r['peak_gb']:.1f} | "
-        f"{r['tflops_per_s']:.0f} | {mfu} | {mfu_hw} | {r['forward_tflop']:.1f} |",
+        f"{tflops} | {mfu} | {mfu_hw} | {counted} |",
+        "",
+        "FLOPs counted by torch on the meta device (`benchmarks/flops.py`): model = the step without recomputation, "
+        "attention as its plain products; hardware (HFU) = what this step runs, recomputation and the fused "
+        f"attention kernel's included. The reference architecture's forward is {r['forward_tflop']:.1f} TFLOP.",
     ]
     if r.get("swap_stats"):
         lines += ["", f"Block swap: {r['block_weights_on_device_gb']:.1f} GiB of block weights on the GPU, setup "
