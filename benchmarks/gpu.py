@@ -182,6 +182,7 @@ def run(args) -> dict:
         "text_valid": args.text_valid or args.text_len,
         "batch": 1,
         "block_swap": args.block_swap,
+        "attention_backend": args.attention_backend,
     }
     if args.infer:
         result.update(negative_tokens=args.negative_len or args.text_len, batch_cfg=args.batch_cfg)
@@ -209,6 +210,9 @@ def run(args) -> dict:
                 result["build_s"], result["params_b"], result["weights_gb"])
     step, optimizer, info = make_step(args, dit, device)
     result.update(info)
+    from diffusmith.core.attention import set_attention_backend
+
+    set_attention_backend(args.attention_backend)
 
     if args.fp8:  # generate --fp8 / train --fp8-base: the blocks' frozen Linears in float8 (before block swap)
         from diffusmith.core.memory import enable_fp8_storage
@@ -301,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="gradient checkpointing mode (--gradient-checkpointing-mode of the trainer)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if unknown")
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (--compile)")
+    parser.add_argument("--attention-backend", default="auto", help="auto, cudnn, flash, efficient or math "
+                        "(the --attention-backend flag of generate and train)")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after timing, profile two steps and print the top ROWS ops")
     parser.add_argument("--json", default=None)
@@ -336,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                + ("-selective" if args.gc_mode == "selective" and not (args.infer or args.no_gc) else "")
                + ("-fp8" if args.fp8 else "")
                + ("-compile" if args.compile else "")
+               + (f"-{args.attention_backend}" if args.attention_backend != "auto" else "")
                + (f"-neg{args.negative_len}" if args.infer and args.negative_len else "")
                + ("-batchcfg" if args.infer and args.batch_cfg else ""))
         common.replace_section(args.results, tag, markdown(result))
@@ -358,6 +365,7 @@ def markdown(r: dict) -> str:
     counted = (f"{r['model_tflop']:.1f} / {r['hardware_tflop']:.1f}" if "model_tflop" in r
                else f"not counted ({r.get('flops_error')})")
     storage = "fp8 block weights" if r.get("fp8") else "bf16"
+    kernel = "" if r.get("attention_backend", "auto") == "auto" else f", attention backend {r['attention_backend']}"
     lines = [
         head, "",
         f"{r['device']}, torch {r['torch']}; {r['layers']} blocks ({r['params_b']:.2f}B parameters, {storage}, "
@@ -365,7 +373,7 @@ def markdown(r: dict) -> str:
         f"{r['text_tokens']} tokens, batch 1" + (f", LoRA {r['lora_params_m']:.1f}M ({r['lora_dtype']}), "
                                                  f"gradient checkpointing {r.get('gc_mode', 'full')}, AdamW"
                                                  if r["mode"] == "train" else "")
-        + f". `{r['command']}`", "",
+        + f"{kernel}. `{r['command']}`", "",
         "| s/step (median) | steps | peak GPU GiB | model TFLOP/s | MFU | HFU | TFLOP per step: model / hardware |",
         "|---|---|---|---|---|---|---|",
         f"| {r['step_s']:.3f} | {', '.join(f'{t:.3f}' for t in r['steps_s'])} | {r['peak_gb']:.1f} | "

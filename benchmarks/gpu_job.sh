@@ -7,10 +7,13 @@
 #   PART=2  real size (60 blocks, 20.4B) eager: whole-block and selective checkpointing, block swap, inference
 #           (also with a short negative prompt, separate and batched CFG; about 7 minutes)
 #   PART=3  the mid-size checkpointing modes alternated (eager, compiled), then real size compiled
-#           (--compile): the same training and inference steps (about 8 minutes)
-#   PART=key  what a session with one device call should measure first (about 9 minutes): the GPU checks, the
+#           (--compile): the same training and inference steps, also without checkpointing and with cuDNN's
+#           attention (about 9 minutes)
+#   PART=key  what a session with one device call should measure first (9-10 minutes: the last runs may be cut
+#           when a call reaches its limit, and $OUT keeps what finished): the GPU checks, the
 #           mid-size side by side in train-bf16, train-bf16-compile, infer-bf16 and infer-bf16-batchcfg, the
-#           real-size compiled selective-checkpointing step (the MFU target), block swap, the inference
+#           real-size compiled selective-checkpointing step (the MFU target) with torch's attention kernel
+#           and with cuDNN's (--attention-backend cudnn), block swap, the inference
 #           step with a short negative prompt, separate and batched, and last the compiled step without
 #           checkpointing (the least recomputation)
 #   PART=4  real-size inference with every block streamed from pinned host memory (what --offload sequential
@@ -38,6 +41,9 @@ timeout 150 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
   --json "$OUT/bench_gpu.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 timeout 110 python3 benchmarks/gpu.py --compile --gc-mode selective --warmup 3 --json "$OUT/gpu_real_sgc_compile.json" \
   --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+# the same with cuDNN's attention first (--attention-backend cudnn): Hopper's fastest SDPA kernel in torch
+timeout 110 python3 benchmarks/gpu.py --compile --gc-mode selective --attention-backend cudnn --warmup 3 \
+  --json "$OUT/gpu_real_sgc_compile_cudnn.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 timeout 100 python3 benchmarks/gpu.py --block-swap 22 --json "$OUT/gpu_swap.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 for batch in "" --batch-cfg; do
   timeout 50 python3 benchmarks/gpu.py --infer --negative-len 64 $batch --json "$OUT/gpu_infer_neg64$batch.json" \
@@ -96,6 +102,8 @@ timeout 100 python3 benchmarks/gpu.py --compile --no-gc --warmup 3 --json "$OUT/
   --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 timeout 80 python3 benchmarks/gpu.py --infer --compile --warmup 3 --json "$OUT/gpu_infer_compile.json" \
   --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+timeout 80 python3 benchmarks/gpu.py --infer --compile --attention-backend cudnn --warmup 3 \
+  --json "$OUT/gpu_infer_compile_cudnn.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 fi
 
 if part 4; then

@@ -2,10 +2,11 @@
 
 Training reuses the inference pipeline: the same units, with the scheduler in training mode."""
 
+from .core.attention import set_attention_backend
 from .errors import DiffusmithError
 from .pipelines.base import BasePipeline, PipelineUnit
 
-__all__ = ["BasePipeline", "DiffusmithError", "PipelineUnit", "QwenImagePipeline"]
+__all__ = ["BasePipeline", "DiffusmithError", "PipelineUnit", "QwenImagePipeline", "set_attention_backend"]
 __version__ = "0.1.0"
 
 

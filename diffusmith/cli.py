@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tiled", action="store_true", help="encode/decode with the VAE in tiles")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile each transformer block (faster steps after slow first ones)")
+    _add_attention_backend(gen)
     gen.add_argument("--transformer", default=None, help="a loose .safetensors replacing the DiT")
     gen.add_argument("--lora", action="append", default=[], metavar="PATH",
                      help="merge this LoRA (diffusers, ComfyUI, kohya or peft keys) into the DiT; repeatable")
@@ -128,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("file")
     ins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _add_attention_backend(group) -> None:
+    from .core.attention import ATTENTION_BACKENDS
+
+    group.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                       help="attention kernel: auto (torch's choice), or cudnn / flash / efficient first where "
+                            "the GPU and inputs allow it, or math (the plain reference)")
 
 
 def _probability(text: str) -> float:
@@ -202,6 +211,7 @@ def add_train_parser(sub, name: str = "train") -> None:
                               "layer at a time (LoRA only)")
         run.add_argument("--compile", action="store_true",
                          help="torch.compile each transformer block (faster steps after slow first ones)")
+    _add_attention_backend(run)
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     run.add_argument("--num-processes", type=_positive_int, default=1,
                      help="data-parallel processes (relaunches through accelerate)")
@@ -279,12 +289,14 @@ def _cuda() -> bool:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from .core.attention import set_attention_backend
     from .pipelines.qwen_image import QwenImagePipeline
 
     output = Path(args.output)
     if output.suffix.lower() not in IMAGE_SUFFIXES:
         raise DiffusmithError(f"output {output} must end in one of {', '.join(IMAGE_SUFFIXES)}")
     lora_scales = _lora_scales(args.lora, args.lora_scale)
+    set_attention_backend(args.attention_backend)
     overrides = {"transformer": args.transformer} if args.transformer else {}
     pipe = QwenImagePipeline.from_pretrained(args.model, device=args.device, torch_dtype=args.dtype,
                                              offload=args.offload, allow_pickle=args.allow_pickle,

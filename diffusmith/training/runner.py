@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..core.attention import ATTENTION_BACKENDS, set_attention_backend
 from ..core.checkpointing import CHECKPOINTING_MODES
 from ..core.devices import resolve_device
 from ..core.memory import check_block_count
@@ -79,6 +80,7 @@ class TrainConfig:
     block_swap: int | None = None  # blocks whose frozen weights stay on the device; None = no block swap
     fp8_base: bool = False
     compile: bool = False
+    attention_backend: str = "auto"  # core.attention.ATTENTION_BACKENDS
     device: str | None = None
     validation_prompts: Sequence[str] = field(default_factory=tuple)
     validate_every: int | None = None
@@ -108,6 +110,9 @@ class TrainConfig:
             raise DiffusmithError(f"unknown --optimizer {self.optimizer!r}: use adamw or adamw8bit")
         if self.validate_every and not self.validation_prompts:
             raise DiffusmithError("--validate-every needs at least one --validation-prompt")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise DiffusmithError(f"unknown --attention-backend {self.attention_backend!r}: use one of "
+                                  f"{', '.join(ATTENTION_BACKENDS)}")
         if self.block_swap is not None:
             check_block_count(self.block_swap)
         if self.full and self.block_swap is not None:
@@ -261,6 +266,7 @@ def batch_stream(loader, start_epoch: int, start_batches_done: int) -> Iterator[
 def train(config: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the path of the final weights."""
     config.check()
+    set_attention_backend(config.attention_backend)
     out = Path(config.output)
     accelerator = build_accelerator(config)
     main = accelerator.is_main_process
