@@ -114,14 +114,13 @@ def test_train_flag_sets_the_backend(tiny_qwen, tmp_path, monkeypatch):
     assert seen == ["math"] and attention_backend() == "math"
 
 
-@pytest.mark.parametrize("backend", ["math", "flash"])
-def test_a_chosen_backend_compiles_without_graph_breaks(backend):
+def test_a_chosen_backend_compiles_without_graph_breaks():
     """--compile with --attention-backend: the kernel choice is traced into each block's graph (fullgraph)."""
     from test_memory import lora_dit, loss_and_grads, max_diff
 
     from diffusmith.core.memory import compile_repeated_blocks
 
-    set_attention_backend(backend)
+    set_attention_backend("flash")  # a priority list of kernels, as every choice but auto and math
     loss_ref, grads_ref = loss_and_grads(lora_dit(), False)
     model = lora_dit()
     compile_repeated_blocks(model, backend="eager", fullgraph=True)
