@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def _fused_attention(q, k, v, attn_mask=None, **kwargs):
-    """``F.scaled_dot_product_attention`` as the fused memory-efficient kernel, whatever the device: on meta
-    tensors torch would otherwise take its plain-products path, whose backward differs from a GPU's kernel."""
-    if kwargs:
-        raise NotImplementedError(f"FLOP counting supports no attention option but a mask, got {sorted(kwargs)}")
+def _fused_attention(q, k, v, attn_mask=None):
+    """``F.scaled_dot_product_attention`` (as diffusmith calls it: a mask, no other option) as the fused
+    memory-efficient kernel, whatever the device: on meta tensors torch would otherwise take its plain-products
+    path, whose backward differs from a GPU's kernel."""
     bias = None
     if attn_mask is not None:  # a boolean key mask as the additive bias the kernel takes
         bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))

@@ -72,6 +72,12 @@ def build_dit(cfg, device: torch.device):
     return model
 
 
+def latent_grid(args) -> tuple[int, int]:
+    """(latent side, image tokens) of an ``--size`` picture: the VAE's 8x, then 2x2 patches."""
+    latent = args.size // 8
+    return latent, (latent // 2) ** 2
+
+
 def make_step(args, dit, device: torch.device) -> tuple[Callable[[], None], torch.optim.Optimizer | None, dict]:
     """The timed step for ``dit`` on ``device``, its optimizer (training) and what to report of it.
 
@@ -81,8 +87,7 @@ def make_step(args, dit, device: torch.device) -> tuple[Callable[[], None], torc
 
     meta = device.type == "meta"
     cfg = dit.config
-    latent = args.size // 8
-    image_tokens = (latent // 2) ** 2
+    latent, image_tokens = latent_grid(args)
     valid = args.text_valid or args.text_len
     info: dict = {}
     pipe = QwenImagePipeline(device=device, torch_dtype=torch.bfloat16)
@@ -162,14 +167,14 @@ def step_flops(args, cfg) -> dict[str, float]:
 
 
 def run(args) -> dict:
+    from diffusmith.core.attention import set_attention_backend
     from diffusmith.models.qwen_image.dit import PRESETS
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else common.cpu_model()
     cfg = dataclasses.replace(PRESETS["real"], num_layers=args.layers or PRESETS["real"].num_layers)
-    latent = args.size // 8
-    image_tokens = (latent // 2) ** 2
+    _, image_tokens = latent_grid(args)
     result: dict = {
         "mode": "infer" if args.infer else "train",
         "gc_mode": "none" if args.no_gc else args.gc_mode,
@@ -210,8 +215,6 @@ def run(args) -> dict:
                 result["build_s"], result["params_b"], result["weights_gb"])
     step, optimizer, info = make_step(args, dit, device)
     result.update(info)
-    from diffusmith.core.attention import set_attention_backend
-
     set_attention_backend(args.attention_backend)
 
     if args.fp8:  # generate --fp8 / train --fp8-base: the blocks' frozen Linears in float8 (before block swap)
@@ -285,6 +288,8 @@ def run(args) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from diffusmith.core.attention import ATTENTION_BACKENDS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--infer", action="store_true", help="time a CFG denoising step instead of training")
     parser.add_argument("--block-swap", type=int, default=None, metavar="N", help="keep N blocks on the GPU")
@@ -305,8 +310,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="gradient checkpointing mode (--gradient-checkpointing-mode of the trainer)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if unknown")
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (--compile)")
-    parser.add_argument("--attention-backend", default="auto", help="auto, cudnn, flash, efficient or math "
-                        "(the --attention-backend flag of generate and train)")
+    parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                        help="the --attention-backend flag of generate and train")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after timing, profile two steps and print the top ROWS ops")
     parser.add_argument("--json", default=None)

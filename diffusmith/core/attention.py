@@ -8,8 +8,6 @@ swapped in at one place.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -31,6 +29,13 @@ _backend = "auto"
 _kernels: list[SDPBackend] | None = None  # the kernels sdpa_kernel allows, in priority order; None = torch's
 
 
+def check_attention_backend(name: object) -> str:
+    """``name`` if it is an attention backend (an ``--attention-backend`` value), else a one-line error."""
+    if name not in ATTENTION_BACKENDS:
+        raise DiffusmithError(f"unknown --attention-backend {name!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    return name
+
+
 def set_attention_backend(name: str) -> None:
     """Pick the attention kernel for every model of this process.
 
@@ -40,8 +45,7 @@ def set_attention_backend(name: str) -> None:
     preference. ``"math"`` is the plain-products reference (slow, most memory; on every device).
     """
     global _backend, _kernels
-    if name not in ATTENTION_BACKENDS:
-        raise DiffusmithError(f"unknown attention backend {name!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    check_attention_backend(name)
     if name == "auto":
         _kernels = None
     elif name == "math":
@@ -71,6 +75,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     attn_mask = None
     if mask is not None:
         attn_mask = mask.to(device=q.device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, L_k)
-    kernels = _kernels
-    with contextlib.nullcontext() if kernels is None else sdpa_kernel(kernels, set_priority=True):
+    if _kernels is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    with sdpa_kernel(_kernels, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..core.attention import ATTENTION_BACKENDS, set_attention_backend
+from ..core.attention import check_attention_backend, set_attention_backend
 from ..core.checkpointing import CHECKPOINTING_MODES
 from ..core.devices import resolve_device
 from ..core.memory import check_block_count
@@ -110,9 +110,7 @@ class TrainConfig:
             raise DiffusmithError(f"unknown --optimizer {self.optimizer!r}: use adamw or adamw8bit")
         if self.validate_every and not self.validation_prompts:
             raise DiffusmithError("--validate-every needs at least one --validation-prompt")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise DiffusmithError(f"unknown --attention-backend {self.attention_backend!r}: use one of "
-                                  f"{', '.join(ATTENTION_BACKENDS)}")
+        check_attention_backend(self.attention_backend)
         if self.block_swap is not None:
             check_block_count(self.block_swap)
         if self.full and self.block_swap is not None:
