@@ -109,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run true CFG's two predictions as one batch (default: with --offload sequential or "
                           "--block-swap, where it halves the weights streamed per step)")
     gen.add_argument("--tiled", action="store_true", help="encode/decode with the VAE in tiles")
-    gen.add_argument("--compile", action="store_true",
-                     help="torch.compile each transformer block (faster steps after slow first ones)")
+    _add_compile(gen)
     _add_attention_backend(gen)
     gen.add_argument("--transformer", default=None, help="a loose .safetensors replacing the DiT")
     gen.add_argument("--lora", action="append", default=[], metavar="PATH",
@@ -129,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("file")
     ins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _add_compile(group) -> None:
+    from .core.memory import COMPILE_MODES
+
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile each transformer block (faster steps after slow first ones)")
+    group.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                       help="torch.compile's mode (implies --compile); reduce-overhead also replays each block as "
+                            "a CUDA graph, for steps bound by kernel launches (needs the model on the GPU)")
 
 
 def _add_attention_backend(group) -> None:
@@ -209,8 +218,7 @@ def add_train_parser(sub, name: str = "train") -> None:
         run.add_argument("--fp8-base", action="store_true",
                          help="store the frozen transformer-block weights in fp8 (half of bf16), upcast one "
                               "layer at a time (LoRA only)")
-        run.add_argument("--compile", action="store_true",
-                         help="torch.compile each transformer block (faster steps after slow first ones)")
+        _add_compile(run)
     _add_attention_backend(run)
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     run.add_argument("--num-processes", type=_positive_int, default=1,
@@ -303,8 +311,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                              block_swap=args.block_swap, fp8=args.fp8, **overrides)
     for path, scale in zip(args.lora, lora_scales, strict=True):
         pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
-    if args.compile:
-        pipe.compile()
+    if args.compile or args.compile_mode:
+        pipe.compile(**({"mode": args.compile_mode} if args.compile_mode else {}))
     image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
                  input_image=args.input_image, denoising_strength=args.denoising_strength,
                  height=args.height, width=args.width, seed=args.seed, num_inference_steps=args.steps,

@@ -34,18 +34,33 @@ def test_generate_compile_flag_compiles_the_blocks(tiny_qwen, tmp_path, monkeypa
 
     compiled = []
 
-    def eager_compile(model, **kwargs):  # the eager backend: the plumbing in seconds
-        compiled.append(type(model).__name__)
+    def eager_compile(model, **kwargs):  # the eager backend (which ignores a mode): the plumbing in seconds
+        compiled.append((type(model).__name__, kwargs.get("mode")))
         compile_repeated_blocks(model, backend="eager", **kwargs)
 
     monkeypatch.setattr(base, "compile_repeated_blocks", eager_compile)
     folder, _ = tiny_qwen
-    plain, fast = tmp_path / "plain.png", tmp_path / "compiled.png"
+    plain, fast, graphed = tmp_path / "plain.png", tmp_path / "compiled.png", tmp_path / "graphed.png"
     assert main([*BASE, "--model", str(folder), "-o", str(plain)]) == 0
     assert compiled == []
     assert main([*BASE, "--model", str(folder), "--compile", "-o", str(fast)]) == 0
-    assert compiled == ["QwenImageDiT"]
-    assert np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(fast)))
+    assert compiled == [("QwenImageDiT", None)]
+    assert main([*BASE, "--model", str(folder), "--compile-mode", "reduce-overhead", "-o", str(graphed)]) == 0
+    assert compiled[1:] == [("QwenImageDiT", "reduce-overhead")]  # --compile-mode implies --compile
+    for picture in (fast, graphed):
+        assert np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(picture)))
+
+
+def test_generate_refuses_cuda_graphs_with_offload(tiny_qwen, tmp_path, capsys):
+    folder, _ = tiny_qwen
+    out = tmp_path / "out.png"
+    assert main([*BASE, "--model", str(folder), "--offload", "model", "--compile-mode", "reduce-overhead",
+                 "-o", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "need the models resident on the GPU" in err and "Traceback" not in err and not out.exists()
+    with pytest.raises(SystemExit) as e:
+        main([*BASE, "--model", str(folder), "--compile-mode", "fastest", "-o", str(out)])
+    assert e.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
 
 
 def test_inspect_tells_which_model_a_file_is(tiny_qwen, capsys):

@@ -402,6 +402,48 @@ def test_compile_failures_are_clear(monkeypatch):
         compile_repeated_blocks(lora_dit())
 
 
+def test_cuda_graph_modes_mark_each_step(monkeypatch):
+    """With a CUDA-graph mode each step (a training loss, a denoising step) tells torch it begins: no block
+    calls the next inside a compiled region, so torch would otherwise take each block's call for a new step
+    and reuse the memory of the outputs the next block reads. Other modes leave torch's heuristic alone."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    plain = lora_dit()
+    compile_repeated_blocks(plain, backend="eager", mode="max-autotune-no-cudagraphs")
+    assert not memory.uses_cuda_graphs(plain)
+    memory.begin_step(plain)
+    assert marks == []
+    pipe = QwenImagePipeline(device="cpu", torch_dtype=torch.float32)
+    torch.manual_seed(0)
+    pipe.dit = QwenImageDiT(TINY3)
+    module = TrainingModule(pipe, TrainableSpec(rank=4))
+    compile_repeated_blocks(pipe.dit, backend="eager", mode="reduce-overhead")  # eager ignores the mode
+    assert memory.uses_cuda_graphs(pipe.dit)
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g)
+    module.loss_from_inputs({"input_latents": latents, "noise": torch.randn_like(latents)},
+                            {"prompt_emb": text, "prompt_emb_mask": None}).backward()
+    assert len(marks) == 1
+    pipe.scheduler.set_timesteps(2, image_seq_len=16)
+    with torch.no_grad():  # one true-CFG step: two DiT calls, one step
+        pipe.guided_velocity({}, {"prompt_emb": text}, {"prompt_emb": text[:, :3]}, latents,
+                             pipe.scheduler.timesteps[0], 4.0)
+    assert len(marks) == 2
+
+
+def test_cuda_graphs_refuse_moving_weights(tiny_qwen):
+    with pytest.raises(DiffusmithError, match="unknown --compile-mode 'fast'"):
+        compile_repeated_blocks(lora_dit(), backend="eager", mode="fast")
+    model = lora_dit()
+    model.proj_out.to("meta")  # weights on two devices
+    with pytest.raises(DiffusmithError, match="need the whole model on the GPU"):
+        compile_repeated_blocks(model, backend="eager", mode="reduce-overhead")
+    streamed = QwenImagePipeline.from_pretrained(tiny_qwen[0], offload="model")
+    with pytest.raises(DiffusmithError, match="not offload 'model'.*--compile-mode default"):
+        streamed.compile(backend="eager", mode="reduce-overhead")
+    streamed.compile(backend="eager", mode="default")  # no graphs: offload is fine
+
+
 # ---- the training run ------------------------------------------------------------------------------------
 
 
@@ -436,6 +478,39 @@ def test_train_runs_with_each_mode(tiny_qwen, tmp_path, eager_compile, reference
     assert losses(out) == pytest.approx(losses(reference), rel=tolerance, abs=1e-6)
 
 
+def test_train_with_cuda_graph_mode_and_accumulation(tiny_qwen, tmp_path, eager_compile, monkeypatch):
+    """--compile-mode reduce-overhead with gradient accumulation keeps one gradient buffer per weight for the
+    whole run (a CUDA graph's gradient output is overwritten by the next micro-batch's replay), zeroed after
+    each step: the same losses and weights as the plain run."""
+    from diffusmith.training.distributed import DataParallel
+
+    kept = []
+    keep = DataParallel.keep_gradient_buffers
+    monkeypatch.setattr(DataParallel, "keep_gradient_buffers", lambda self: (kept.append(1), keep(self)))
+    data = make_dataset(tmp_path / "data")
+    plain, graphed = tmp_path / "plain", tmp_path / "graphed"
+    train(config(tiny_qwen[0], data, plain, max_steps=2, gradient_accumulation=2))
+    assert kept == []
+    train(config(tiny_qwen[0], data, graphed, max_steps=2, gradient_accumulation=2,
+                 compile_mode="reduce-overhead"))
+    assert kept == [1]
+    assert losses(graphed) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)
+    from safetensors.torch import load_file
+
+    expected, got = load_file(plain / "lora.safetensors"), load_file(graphed / "lora.safetensors")
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"compile_mode": "fastest"}, "unknown --compile-mode 'fastest'"),
+    ({"compile_mode": "reduce-overhead", "block_swap": 1}, "does not work with --block-swap"),
+    ({"compile_mode": "reduce-overhead", "gradient_checkpointing": True}, "with --gradient-checkpointing"),
+])
+def test_cuda_graph_mode_refuses_what_it_cannot_do(tiny_qwen, tmp_path, extra, match):
+    with pytest.raises(DiffusmithError, match=match):
+        config(tiny_qwen[0], tmp_path, tmp_path / "run", max_steps=1, **extra).check()
+
+
 def test_train_flags_from_the_shell(tiny_qwen, tmp_path, capsys, eager_compile):
     data, out = make_dataset(tmp_path / "data"), tmp_path / "run"
     argv = ["train", "--model", str(tiny_qwen[0]), "--dataset", str(data), "--output", str(out), "--height", "64",
@@ -451,6 +526,8 @@ def test_train_flags_from_the_shell(tiny_qwen, tmp_path, capsys, eager_compile):
     assert code == 2 and ">= 0" in capsys.readouterr().err
     assert main([*argv, "--full", "--block-swap", "0"]) != 0
     assert "does not work with --full" in capsys.readouterr().err
+    assert main([*argv, "--compile-mode", "reduce-overhead", "--block-swap", "1"]) != 0
+    assert "(CUDA graphs) does not work with --block-swap" in capsys.readouterr().err
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------------

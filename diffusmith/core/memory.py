@@ -10,7 +10,9 @@ everything here works from that declaration and knows nothing of model families.
   and everything outside the blocks stay on the device.
 - :func:`enable_fp8_storage`: the frozen Linear weights inside the blocks are stored in float8 with one
   scale per output row, and upcast one layer at a time when it runs.
-- :func:`compile_repeated_blocks`: ``torch.compile`` on each block's forward (state dict keys unchanged).
+- :func:`compile_repeated_blocks`: ``torch.compile`` on each block's forward (state dict keys unchanged);
+  with a CUDA-graph mode (``mode="reduce-overhead"``) each block's kernels are replayed as one CUDA graph,
+  and whoever runs the model calls :func:`begin_step` at the start of each step.
 
 Apply them after the LoRA is injected and in this order: fp8 storage, block swap, compile. The host copy
 of a swapped weight is the truth: nothing is ever copied back from the device.
@@ -30,8 +32,12 @@ from torch import nn
 from ..errors import DiffusmithError
 
 __all__ = [
+    "COMPILE_MODES",
+    "CUDA_GRAPH_MODES",
     "BlockSwap",
     "Fp8Linear",
+    "begin_step",
+    "check_compile_mode",
     "compile_repeated_blocks",
     "enable_block_swap",
     "enable_fp8_storage",
@@ -461,9 +467,50 @@ def _reporting(compiled: Callable, name: str, errors: tuple[type[BaseException],
     return forward
 
 
+# torch.compile's modes (``--compile-mode``); the ones that also capture CUDA graphs: a block's kernels are
+# recorded once and then replayed with one launch, which removes the per-kernel launch cost of a step that is
+# bound by it (a mid-size model, or any model whose kernels are short).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+_CUDA_GRAPHS_ATTR = "_diffusmith_cuda_graphs"
+
+
+def check_compile_mode(mode: object) -> str:
+    if mode not in COMPILE_MODES:
+        raise DiffusmithError(f"unknown --compile-mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def uses_cuda_graphs(model: nn.Module) -> bool:
+    """Whether ``model``'s blocks were compiled in a CUDA-graph mode."""
+    return getattr(model, _CUDA_GRAPHS_ATTR, False)
+
+
+def begin_step(model: nn.Module) -> None:
+    """Tell torch a new step of ``model`` begins (a training micro-batch, a denoising step), where its blocks
+    run as CUDA graphs: the graphs' output memory of the previous step is reused from here on. Without this
+    torch would take each block's call for a new step (no block calls the next one inside a compiled region),
+    and the block outputs the next block reads would be overwritten. Nothing otherwise."""
+    if uses_cuda_graphs(model):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def _check_cuda_graph_placement(model: nn.Module) -> None:
+    """A CUDA graph replays fixed addresses: weights that move between calls (block swap, offload) would be
+    recorded again at each call. On the CPU torch runs the compiled code without graphs."""
+    devices = {t.device.type for t in _tensors(model)}
+    if devices == {"cpu"}:
+        logger.warning("CUDA graphs apply on CUDA devices only; on the CPU this is torch.compile's plain code")
+    elif devices != {"cuda"}:
+        raise DiffusmithError("CUDA graphs (--compile-mode reduce-overhead / max-autotune) need the whole model "
+                              "on the GPU: drop --block-swap / --offload, or use --compile-mode default")
+
+
 def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
     """``torch.compile`` the forward of each of ``model``'s repeated blocks (in place), with
     ``compile_kwargs`` passed to ``torch.compile`` (e.g. ``backend="eager"``, ``mode="max-autotune"``).
+    With a mode of ``CUDA_GRAPH_MODES`` the model's weights must all be on the GPU, and each step must start
+    with :func:`begin_step` (the pipeline's denoising step and the training loss do).
 
     Only the forward method is compiled: the module tree, its state dict keys and any hooks (such as block
     swap's, which run eagerly around the compiled code) stay as they were. Compilation happens on each
@@ -477,6 +524,12 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
     if not _dynamo.is_dynamo_supported():
         raise DiffusmithError("torch.compile is not supported on this Python/platform; leave out --compile")
     blocks = repeated_blocks(model)
+    mode = compile_kwargs.get("mode")
+    if mode is not None:
+        check_compile_mode(mode)
+    cuda_graphs = mode in CUDA_GRAPH_MODES
+    if cuda_graphs:
+        _check_cuda_graph_placement(model)
     errors = _compile_errors()
     _allow_recompiles()
     for i, block in enumerate(blocks):
@@ -489,5 +542,7 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
             raise DiffusmithError(f"torch.compile refused {name}: {e}; check the compile options or leave "
                                   "out --compile") from e
         block.forward = _reporting(compiled, name, errors)
+    if cuda_graphs:
+        setattr(model, _CUDA_GRAPHS_ATTR, True)
     logger.info("compiled the forward of %d blocks (%s)", len(blocks),
                 ", ".join(f"{k}={v}" for k, v in compile_kwargs.items()) or "default options")

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..core.lora import apply_lora, read_lora
-from ..core.memory import compile_repeated_blocks
+from ..core.memory import CUDA_GRAPH_MODES, compile_repeated_blocks
 from ..core.offload import ModelPlacer, OffloadMode
 from ..errors import DiffusmithError
 
@@ -142,7 +142,12 @@ class BasePipeline:
     def compile(self, model_name: str | None = None, **compile_kwargs: Any) -> None:
         """``torch.compile`` each repeated block of ``model_name`` (default: ``lora_target``, the denoiser):
         the first denoising steps are slow (each new shape compiles), the later ones faster. State dict keys,
-        merged LoRAs and offload hooks are unaffected; ``compile_kwargs`` go to ``torch.compile``."""
+        merged LoRAs and offload hooks are unaffected; ``compile_kwargs`` go to ``torch.compile``.
+        ``mode="reduce-overhead"`` also replays each block as a CUDA graph; it needs ``offload="none"``."""
+        if compile_kwargs.get("mode") in CUDA_GRAPH_MODES and self.placer.mode is not OffloadMode.NONE:
+            raise DiffusmithError(f"CUDA graphs (--compile-mode {compile_kwargs['mode']}) need the models resident "
+                                  f"on the GPU, not offload {self.placer.mode.value!r}: drop --offload / "
+                                  "--block-swap, or use --compile-mode default")
         compile_repeated_blocks(self._loaded_model(model_name or self.lora_target, "compile"), **compile_kwargs)
 
     def _loaded_model(self, name: str, action: str) -> torch.nn.Module:

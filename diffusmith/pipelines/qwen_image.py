@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..core.components import component_config, component_folder, load_component
 from ..core.devices import resolve_device, resolve_dtype
 from ..core.hub import resolve_model_path
-from ..core.memory import enable_fp8_storage
+from ..core.memory import begin_step, enable_fp8_storage
 from ..core.signatures import identify_file
 from ..errors import DiffusmithError
 from ..models.qwen_image import signatures as _signatures  # noqa: F401  (registers the signatures)
@@ -276,6 +276,7 @@ class QwenImagePipeline(BasePipeline):
         """The velocity of one denoising step. ``cfg_scale`` None: the positive prediction alone; otherwise
         true CFG over ``posi`` and ``nega``, or, with ``nega`` None, over ``posi`` holding both sides as one
         batch (:func:`join_cfg_sides`)."""
+        begin_step(self.dit)  # one step of CUDA graphs (a no-op unless compiled with them)
         if cfg_scale is None:
             return self.model_fn(self.dit, **{**shared, **posi, "latents": latents}, timestep=timestep)
         if nega is None:

@@ -118,6 +118,7 @@ class DataParallel:
     name = "none"
     optimizer_per_rank = False  # the optimizer state is the same on every process: the main one saves it
     replicated = True  # every process holds the same trainable weights (checked at the end of a run)
+    _set_to_none = True  # zero_grad drops the gradients (False after keep_gradient_buffers)
 
     def setup(self, accelerator, module: nn.Module, make_optimizer: Callable[[Iterable[nn.Parameter]], Any],
               *, device_placement: bool = True, **_: Any) -> torch.optim.Optimizer:
@@ -140,11 +141,19 @@ class DataParallel:
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
         self.accelerator.backward(loss / accumulation)
 
+    def keep_gradient_buffers(self) -> None:
+        """Give each trainable parameter a zeroed ``.grad`` that lives for the whole run: backward adds into
+        it, where it would otherwise take over the tensor backward produced (needed when that tensor's memory
+        is reused by the next micro-batch: CUDA graphs with gradient accumulation)."""
+        for param in self.module.trainable_parameters().values():
+            param.grad = torch.zeros_like(param)
+        self._set_to_none = False
+
     def step(self, max_grad_norm: float) -> None:
         if max_grad_norm:
             self.accelerator.clip_grad_norm_(list(self.module.trainable_parameters().values()), max_grad_norm)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self._set_to_none)
 
     def checkpoint_optimizer(self) -> Any:
         """What a checkpoint saves the optimizer state of (``state_dict`` / ``load_state_dict``)."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..core.lora import inject_lora
+from ..core.memory import begin_step
 from ..errors import DiffusmithError
 from ..pipelines.base import BasePipeline, run_unit
 from ..schedulers.flow_match import TimestepSampling
@@ -150,6 +151,7 @@ class TrainingModule(nn.Module):
         timestep = timestep_cpu.to(x0.device, non_blocking=True)
         x_t = pipe.scheduler.add_noise(x0, noise, timestep)
         inputs = {**shared, **posi, "latents": x_t}
+        begin_step(self.model)  # one step of CUDA graphs (a no-op unless compiled with them)
         velocity = pipe.model_fn(self.model, **inputs, timestep=timestep,
                                  use_gradient_checkpointing=spec.use_gradient_checkpointing,
                                  use_gradient_checkpointing_offload=spec.use_gradient_checkpointing_offload,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..core.attention import check_attention_backend, set_attention_backend
 from ..core.checkpointing import CHECKPOINTING_MODES
 from ..core.devices import resolve_device
-from ..core.memory import check_block_count
+from ..core.memory import CUDA_GRAPH_MODES, check_block_count, check_compile_mode, uses_cuda_graphs
 from ..errors import DiffusmithError
 from ..schedulers.flow_match import TimestepSampling
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
@@ -80,6 +80,7 @@ class TrainConfig:
     block_swap: int | None = None  # blocks whose frozen weights stay on the device; None = no block swap
     fp8_base: bool = False
     compile: bool = False
+    compile_mode: str | None = None  # torch.compile's mode (core.memory.COMPILE_MODES); implies compile
     attention_backend: str = "auto"  # core.attention.ATTENTION_BACKENDS
     device: str | None = None
     validation_prompts: Sequence[str] = field(default_factory=tuple)
@@ -117,9 +118,18 @@ class TrainConfig:
             raise DiffusmithError("block swap keeps frozen weights off the GPU; it does not work with --full")
         if self.full and self.fp8_base:
             raise DiffusmithError("--fp8-base stores the frozen weights in fp8; with --full every weight trains")
+        if self.compile_mode is not None:
+            check_compile_mode(self.compile_mode)
+        if self.compile_mode in CUDA_GRAPH_MODES:
+            for flag, on in (("--block-swap", self.block_swap is not None),
+                             ("--gradient-checkpointing", self.gradient_checkpointing
+                              or self.gradient_checkpointing_offload)):
+                if on:
+                    raise DiffusmithError(f"--compile-mode {self.compile_mode} (CUDA graphs) does not work with "
+                                          f"{flag} yet; use --compile-mode default, or drop {flag}")
         if self.sharding != "none":
             for flag, on in (("--block-swap", self.block_swap is not None), ("--fp8-base", self.fp8_base),
-                             ("--compile", self.compile)):
+                             ("--compile", self.compile or self.compile_mode is not None)):
                 if on:
                     raise DiffusmithError(f"{flag} does not work with --sharding {self.sharding} yet; use one "
                                           "of them")
@@ -211,8 +221,8 @@ def apply_memory_modes(config: TrainConfig, module: TrainingModule, device: torc
         if other is not model or config.block_swap is None:
             other.to(device)
     pipe.device = device
-    if config.compile:
-        memory.compile_repeated_blocks(model)
+    if config.compile or config.compile_mode is not None:
+        memory.compile_repeated_blocks(model, **({"mode": config.compile_mode} if config.compile_mode else {}))
 
 
 def _pipeline_class():
@@ -318,6 +328,9 @@ def train(config: TrainConfig) -> Path:
         device_placement=config.block_swap is None, batch_size=config.batch_size,
         gradient_accumulation=config.gradient_accumulation, max_grad_norm=config.max_grad_norm,
         mixed_precision=config.mixed_precision)
+    if config.gradient_accumulation > 1 and uses_cuda_graphs(module.model):
+        # the CUDA graphs' gradient outputs live in memory the next micro-batch's replay reuses
+        strategy.keep_gradient_buffers()
     # the LR scheduler and the data loader stay ours: accelerate's wrappers would step / shard them again
     lr_scheduler = make_lr_scheduler(optimizer, config.lr_schedule, config.warmup_steps, total_steps)
 
