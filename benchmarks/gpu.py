@@ -223,11 +223,11 @@ def run(args) -> dict:
         enable_fp8_storage(dit)
         result["fp8"] = True
         result["weights_gb"] = common.module_bytes(dit) / GiB
-    if args.compile:
+    if args.compile or args.compile_mode:
         from diffusmith.core.memory import compile_repeated_blocks
 
-        compile_repeated_blocks(dit)
-        result["compile"] = True
+        compile_repeated_blocks(dit, **({"mode": args.compile_mode} if args.compile_mode else {}))
+        result["compile"] = args.compile_mode or True
     swap = None
     if args.block_swap is not None:
         try:
@@ -289,6 +289,7 @@ def run(args) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from diffusmith.core.attention import ATTENTION_BACKENDS
+    from diffusmith.core.memory import COMPILE_MODES, CUDA_GRAPH_MODES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--infer", action="store_true", help="time a CFG denoising step instead of training")
@@ -310,6 +311,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="gradient checkpointing mode (--gradient-checkpointing-mode of the trainer)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if unknown")
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (--compile)")
+    parser.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                        help="torch.compile's mode (implies --compile); reduce-overhead: CUDA graphs")
     parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                         help="the --attention-backend flag of generate and train")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
@@ -317,7 +320,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None)
     parser.add_argument("--results", default=None, help="a markdown file to write this run's section into")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with --layers 1")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.compile_mode in CUDA_GRAPH_MODES and (args.block_swap is not None or not (args.infer or args.no_gc)):
+        parser.error("--compile-mode with CUDA graphs needs --no-gc (or --infer) and no --block-swap, as the trainer")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                + ("-nogc" if args.no_gc and not args.infer else "")
                + ("-selective" if args.gc_mode == "selective" and not (args.infer or args.no_gc) else "")
                + ("-fp8" if args.fp8 else "")
-               + ("-compile" if args.compile else "")
+               + ("-compile" if args.compile or args.compile_mode else "")
+               + (f"-{args.compile_mode}" if args.compile_mode else "")
                + (f"-{args.attention_backend}" if args.attention_backend != "auto" else "")
                + (f"-neg{args.negative_len}" if args.infer and args.negative_len else "")
                + ("-batchcfg" if args.infer and args.batch_cfg else ""))

@@ -10,12 +10,12 @@
 #           (--compile): the same training and inference steps, also without checkpointing and with cuDNN's
 #           attention (about 9 minutes)
 #   PART=key  what a session with one device call should measure first (9-10 minutes: the last runs may be cut
-#           when a call reaches its limit, and $OUT keeps what finished): the GPU checks, the
-#           mid-size side by side in train-bf16, train-bf16-compile, infer-bf16 and infer-bf16-batchcfg, the
-#           real-size compiled selective-checkpointing step (the MFU target) with torch's attention kernel
-#           and with cuDNN's (--attention-backend cudnn), block swap, the inference
-#           step with a short negative prompt, separate and batched, and last the compiled step without
-#           checkpointing (the least recomputation)
+#           when a call reaches its limit, and $OUT keeps what finished): the GPU checks, the mid-size side by
+#           side in train-bf16, train-bf16-compile, train-bf16-cudagraphs, infer-bf16, infer-bf16-cudagraphs
+#           and infer-bf16-batchcfg, the real-size compiled step without checkpointing (the MFU target) with
+#           plain kernels and as CUDA graphs (--compile-mode reduce-overhead), the compiled selective-
+#           checkpointing step with cuDNN's attention, block swap, and the inference step with a short negative
+#           prompt, separate and batched
 #   PART=4  real-size inference with every block streamed from pinned host memory (what --offload sequential
 #           does to the DiT: block swap with no block resident), separate and batched CFG, and with 22 blocks
 #           resident (generate --block-swap 22), and fp8 weights resident and streamed (about 8 minutes)
@@ -34,14 +34,19 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   python3 -c "import importlib.metadata as m; print({p: m.version(p) for p in ('torch', 'diffusers', 'diffsynth', 'transformers', 'peft', 'einops')})"; } 2>&1 | tee -a "$LOG"
 
 if [ "$PART" = key ]; then
-timeout 80 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_memory.py tests/test_checkpoint.py \
+# the GPU checks, CUDA graphs' included (they compile with inductor: a minute or more)
+timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_memory.py tests/test_checkpoint.py \
   -p no:cacheprovider 2>&1 | tee -a "$LOG"
-timeout 150 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
-  --modes train-bf16 train-bf16-compile infer-bf16 infer-bf16-batchcfg \
+timeout 200 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
+  --modes train-bf16 train-bf16-compile train-bf16-cudagraphs infer-bf16 infer-bf16-cudagraphs infer-bf16-batchcfg \
   --json "$OUT/bench_gpu.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
-timeout 110 python3 benchmarks/gpu.py --compile --gc-mode selective --warmup 3 --json "$OUT/gpu_real_sgc_compile.json" \
+# the MFU target: compiled without checkpointing (the least recomputation; about 105 GB of a 141 GB card:
+# 61 GB of saved activations counted on the meta device), with plain kernels and replayed as CUDA graphs
+timeout 100 python3 benchmarks/gpu.py --compile --no-gc --warmup 3 --json "$OUT/gpu_real_nogc_compile.json" \
   --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
-# the same with cuDNN's attention first (--attention-backend cudnn): Hopper's fastest SDPA kernel in torch
+timeout 100 python3 benchmarks/gpu.py --compile-mode reduce-overhead --no-gc --warmup 3 \
+  --json "$OUT/gpu_real_nogc_cudagraphs.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+# selective checkpointing compiled with cuDNN's attention first (torch's default kernel: PART=3)
 timeout 110 python3 benchmarks/gpu.py --compile --gc-mode selective --attention-backend cudnn --warmup 3 \
   --json "$OUT/gpu_real_sgc_compile_cudnn.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 timeout 100 python3 benchmarks/gpu.py --block-swap 22 --json "$OUT/gpu_swap.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
@@ -49,10 +54,6 @@ for batch in "" --batch-cfg; do
   timeout 50 python3 benchmarks/gpu.py --infer --negative-len 64 $batch --json "$OUT/gpu_infer_neg64$batch.json" \
     --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 done
-# last, as the call's time may run out before it: compiled without checkpointing, the step with the least
-# recomputation, hence the best MFU (about 105 GB of a 141 GB card: 61 GB of saved activations on the meta device)
-timeout 100 python3 benchmarks/gpu.py --compile --no-gc --warmup 3 --json "$OUT/gpu_real_nogc_compile.json" \
-  --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 fi
 
 if part 1; then

@@ -60,6 +60,8 @@ MODES = {
     "infer-fp32": (False, torch.float32, None),
     "infer-bf16-compile": (False, torch.bfloat16, None),
     "infer-bf16-batchcfg": (False, torch.bfloat16, None),
+    "train-bf16-cudagraphs": (True, torch.bfloat16, None),
+    "infer-bf16-cudagraphs": (False, torch.bfloat16, None),
 }
 # Selective checkpointing (keep matmul/attention outputs, recompute the elementwise ops) exists in diffusmith
 # only: diffusers' enable_gradient_checkpointing and diffsynth's flag recompute whole blocks.
@@ -67,8 +69,16 @@ MODES = {
 # diffusers has the same regional compilation (`compile_repeated_blocks`), which runs for it in
 # DIFFUSERS_COMPILES; otherwise a peer runs its eager step of the same mode in the rotation,
 # so that the compiled step is timed alternating with what the peers' tools run.
-COMPILED = {mode for mode in MODES if mode.endswith("-compile")}
-DIFFUSERS_COMPILES = {"train-bf16-compile", "infer-bf16-compile"}
+# `-cudagraphs` (CUDA only): diffusmith's `--compile-mode reduce-overhead`, each compiled block replayed as a CUDA
+# graph; against diffusers' regional compilation in its default mode and DiffSynth's eager step.
+CUDA_GRAPHED = {"train-bf16-cudagraphs", "infer-bf16-cudagraphs"}
+COMPILED = {mode for mode in MODES if mode.endswith("-compile")} | CUDA_GRAPHED
+DIFFUSERS_COMPILES = {"train-bf16-compile", "infer-bf16-compile"} | CUDA_GRAPHED
+
+
+def compile_options(impl: str, mode: str) -> dict:
+    """torch.compile options of ``impl`` in a compiled ``mode``."""
+    return {"mode": "reduce-overhead"} if impl == "diffusmith" and mode in CUDA_GRAPHED else {}
 # `-batchcfg`: diffusmith runs true CFG's two predictions as one batch (`batch_cfg=True`, the default of a
 # streamed DiT); the peers have no such option and run their two DiT calls in the same rotation. In these modes
 # every implementation's negative prompt is a quarter of the positive's real tokens (a short negative prompt,
@@ -323,7 +333,8 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
         if upcast_lora(module.trainable_parameters().values()):
             notes.append("LoRA upcast to fp32 by the benchmark (TrainingModule leaves it in the pipeline dtype)")
         if compiles("diffusmith", mode):
-            compile_repeated_blocks(pipe.dit)  # what `diffusmith train --compile` does, after the LoRA
+            # what `diffusmith train --compile [--compile-mode reduce-overhead]` does, after the LoRA
+            compile_repeated_blocks(pipe.dit, **compile_options("diffusmith", mode))
         optimizer = make_optimizer(module.trainable_parameters().values(), LR)
         x0 = ctx.cast(inp.x0, dtype)
         noise_unit = QwenImageUnit_NoiseInitializer()  # what the trainer's units give each step: fresh noise
@@ -341,7 +352,7 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
 
     pipe.dit.eval()
     if compiles("diffusmith", mode):
-        pipe.compile()  # what `diffusmith generate --compile` does
+        pipe.compile(**compile_options("diffusmith", mode))  # what `diffusmith generate --compile` does
     neg, neg_mask = ctx.prompt_inputs("diffusmith", inp.neg, dtype, negative_tokens(size, mode))
     pipe.scheduler.set_timesteps(1000, image_seq_len=size.image_tokens, device=ctx.device)
     state = {"latents": ctx.cast(inp.noise, dtype), "i": 0}
@@ -666,6 +677,8 @@ def free(device: torch.device) -> None:
 def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, mem_rounds: int) -> dict:
     runners: dict[str, Runner] = {}
     results: dict[str, dict] = {}
+    free(ctx.device)
+    baseline = torch.cuda.memory_allocated() if ctx.device.type == "cuda" else 0
     for name in impls:
         if not supports(name, mode):
             continue
@@ -701,6 +714,14 @@ def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, 
                 times[name].append(seconds)
         logger.info("  %s round %d/%d%s: %s", mode, r + 1, warmup + runs, " (warm-up)" if r < warmup else "",
                     ", ".join(f"{n} {last[n]:.3f}s" for n in runners if n in last))
+    # CUDA graphs keep their working memory allocated between steps (torch's graph pool): a step's rise above
+    # the level at its start misses it. What is allocated beyond every runner's weights and optimizer state
+    # (the others keep nothing between steps) is that pool, counted to the graphed runner.
+    pool = {}
+    if mode in CUDA_GRAPHED and "diffusmith" in runners:
+        free(ctx.device)
+        held = torch.cuda.memory_allocated() - baseline - sum(r.resident_bytes() for r in runners.values())
+        pool["diffusmith"] = max(0, held)
     for name, runner in runners.items():
         delta = 0
         for _ in range(mem_rounds):
@@ -718,8 +739,8 @@ def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, 
         results[name] = {
             "step_s": common.median(times[name]),
             "step_s_min": min(times[name], default=float("nan")),
-            "peak_mb": (resident + delta) / common.MB,
-            "activation_mb": (delta - grads) / common.MB,
+            "peak_mb": (resident + pool.get(name, 0) + delta) / common.MB,
+            "activation_mb": (pool.get(name, 0) + delta - grads) / common.MB,
             "resident_mb": resident / common.MB,
             "grad_mb": grads / common.MB,
             "saved_for_backward_mb": saved,
@@ -727,7 +748,14 @@ def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, 
             "lora": runner.lora_summary(),
             "notes": runner.notes,
         }
+        if name in pool:
+            results[name]["graph_pool_mb"] = pool[name] / common.MB
     runners.clear()
+    if mode in CUDA_GRAPHED:  # the graphs and their pool go with the runners
+        torch._dynamo.reset()
+        from torch._inductor import cudagraph_trees
+
+        cudagraph_trees.reset_cudagraph_trees()
     free(ctx.device)
     return results
 
@@ -856,7 +884,9 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
               "compile); a peer without compilation runs its eager step in the same rotation (the ratios are against "
               "the best peer of the row); `-batchcfg` is diffusmith's batched CFG (`batch_cfg=True`: one DiT call "
               "on both sides, the negative padded and masked) against the peers' two calls, all with a negative "
-              "prompt of a quarter of the positive's tokens. "
+              "prompt of a quarter of the positive's tokens; `-cudagraphs` (CUDA only) is diffusmith's "
+              "`--compile-mode reduce-overhead` (each compiled block replayed as a CUDA graph) against diffusers "
+              "compiled in the default mode and DiffSynth's eager step. "
               "`peak MB` = this implementation's "
               "weights + optimizer state (counted exactly) + the peak memory above that level during one step "
               f"({mem_note}). Ratios < 1 favour diffusmith. Targets: train-bf16 time <= 0.8x and memory <= 0.9x of "
@@ -893,7 +923,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--mem-rounds", type=int, default=1, help="extra steps per implementation for memory")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=None, choices=list(MODES),
+                        help="default: all (the -cudagraphs ones on CUDA only)")
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--results", default=str(common.REPO_ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--no-results", action="store_true", help="do not write the markdown file")
@@ -907,6 +938,10 @@ def main(argv: list[str] | None = None) -> int:
                              "instead of what their prompt step gives for one prompt (no padding, no mask)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.modes is None:
+        args.modes = [m for m in MODES if args.device == "cuda" or m not in CUDA_GRAPHED]
+    elif args.device != "cuda" and CUDA_GRAPHED & set(args.modes):
+        parser.error(f"{', '.join(sorted(CUDA_GRAPHED & set(args.modes)))}: CUDA graphs need --device cuda")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("diffusmith").setLevel(logging.WARNING)
     with contextlib.suppress(ImportError):
