@@ -42,6 +42,7 @@ __all__ = [
     "enable_block_swap",
     "enable_fp8_storage",
     "repeated_blocks",
+    "uses_cuda_graphs",
 ]
 
 logger = logging.getLogger(__name__)
