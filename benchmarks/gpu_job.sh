@@ -62,7 +62,7 @@ timeout 80 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_memory.py te
   -p no:cacheprovider 2>&1 | tee -a "$LOG"
 
 # side by side (mid-size model, all modes, 3 implementations): about a minute, plus the first compiles of the
-# block in the six -compile runs (tens of seconds each); run.py writes its JSON and section after every mode
+# block in the six -compile and two -cudagraphs runs (tens of seconds each); run.py writes its JSON and section after every mode
 timeout 420 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
   --json "$OUT/bench_gpu.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 fi
