@@ -482,6 +482,8 @@ def test_train_with_cuda_graph_mode_and_accumulation(tiny_qwen, tmp_path, eager_
     """--compile-mode reduce-overhead with gradient accumulation keeps one gradient buffer per weight for the
     whole run (a CUDA graph's gradient output is overwritten by the next micro-batch's replay), zeroed after
     each step: the same losses and weights as the plain run."""
+    from safetensors.torch import load_file
+
     from diffusmith.training.distributed import DataParallel
 
     kept = []
@@ -495,8 +497,6 @@ def test_train_with_cuda_graph_mode_and_accumulation(tiny_qwen, tmp_path, eager_
                  compile_mode="reduce-overhead"))
     assert kept == [1]
     assert losses(graphed) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)
-    from safetensors.torch import load_file
-
     expected, got = load_file(plain / "lora.safetensors"), load_file(graphed / "lora.safetensors")
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
 
