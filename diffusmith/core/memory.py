@@ -505,6 +505,10 @@ def _check_cuda_graph_placement(model: nn.Module) -> None:
     elif devices != {"cuda"}:
         raise DiffusmithError("CUDA graphs (--compile-mode reduce-overhead / max-autotune) need the whole model "
                               "on the GPU: drop --block-swap / --offload, or use --compile-mode default")
+    elif torch.version.hip:
+        logger.warning("CUDA graphs through torch.compile are not tested on ROCm here, and torch has had reports "
+                       "of wrong training with them there (pytorch/pytorch#187715); compare the loss with "
+                       "--compile-mode default")
 
 
 def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> None:

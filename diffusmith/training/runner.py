@@ -121,12 +121,14 @@ class TrainConfig:
         if self.compile_mode is not None:
             check_compile_mode(self.compile_mode)
         if self.compile_mode in CUDA_GRAPH_MODES:
+            # block swap moves the weights a graph replays; torch's CUDA graphs break under activation
+            # checkpointing's recomputation (pytorch/pytorch#154306, open)
             for flag, on in (("--block-swap", self.block_swap is not None),
                              ("--gradient-checkpointing", self.gradient_checkpointing
                               or self.gradient_checkpointing_offload)):
                 if on:
                     raise DiffusmithError(f"--compile-mode {self.compile_mode} (CUDA graphs) does not work with "
-                                          f"{flag} yet; use --compile-mode default, or drop {flag}")
+                                          f"{flag}; use --compile-mode default, or drop {flag}")
         if self.sharding != "none":
             for flag, on in (("--block-swap", self.block_swap is not None), ("--fp8-base", self.fp8_base),
                              ("--compile", self.compile or self.compile_mode is not None)):
