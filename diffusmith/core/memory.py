@@ -491,7 +491,9 @@ def begin_step(model: nn.Module) -> None:
     """Tell torch a new step of ``model`` begins (a training micro-batch, a denoising step), where its blocks
     run as CUDA graphs: the graphs' output memory of the previous step is reused from here on. Without this
     torch would take each block's call for a new step (no block calls the next one inside a compiled region),
-    and the block outputs the next block reads would be overwritten. Nothing otherwise."""
+    and the block outputs the next block reads would be overwritten (pytorch/pytorch#152887). A step's inputs
+    must not be graph outputs of the step before; the DiT's are not: its last layers run eagerly. Nothing
+    otherwise."""
     if uses_cuda_graphs(model):
         torch.compiler.cudagraph_mark_step_begin()
 
