@@ -34,9 +34,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   python3 -c "import importlib.metadata as m; print({p: m.version(p) for p in ('torch', 'diffusers', 'diffsynth', 'transformers', 'peft', 'einops')})"; } 2>&1 | tee -a "$LOG"
 
 if [ "$PART" = key ]; then
-# the GPU checks, CUDA graphs' included (they compile with inductor: a minute or more)
-timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_memory.py tests/test_checkpoint.py \
-  -p no:cacheprovider 2>&1 | tee -a "$LOG"
+# the GPU checks, then those of CUDA graphs on their own (they compile with inductor: a minute or more), so that
+# a slow compile cannot cut the others short
+timeout 80 python3 -m pytest -q -m gpu -k "not cuda_graph" tests/test_gpu.py tests/test_memory.py \
+  tests/test_checkpoint.py -p no:cacheprovider 2>&1 | tee -a "$LOG"
+timeout 150 python3 -m pytest -q -m gpu -k cuda_graph tests/test_gpu.py -p no:cacheprovider 2>&1 | tee -a "$LOG"
 timeout 200 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
   --modes train-bf16 train-bf16-compile train-bf16-cudagraphs infer-bf16 infer-bf16-cudagraphs infer-bf16-batchcfg \
   --json "$OUT/bench_gpu.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
@@ -58,9 +60,11 @@ done
 fi
 
 if part 1; then
-# the checks that need a GPU (real device placement, bf16 on CUDA, block swap, CUDA RNG in checkpoints)
-timeout 80 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_memory.py tests/test_checkpoint.py \
-  -p no:cacheprovider 2>&1 | tee -a "$LOG"
+# the checks that need a GPU (real device placement, bf16 on CUDA, block swap, CUDA RNG in checkpoints), then
+# CUDA graphs' (inductor compiles: a minute or more)
+timeout 80 python3 -m pytest -q -m gpu -k "not cuda_graph" tests/test_gpu.py tests/test_memory.py \
+  tests/test_checkpoint.py -p no:cacheprovider 2>&1 | tee -a "$LOG"
+timeout 150 python3 -m pytest -q -m gpu -k cuda_graph tests/test_gpu.py -p no:cacheprovider 2>&1 | tee -a "$LOG"
 
 # side by side (mid-size model, all modes, 3 implementations): about a minute, plus the first compiles of the
 # block in the six -compile and two -cudagraphs runs (tens of seconds each); run.py writes its JSON and section after every mode
