@@ -3,7 +3,8 @@
 # (diffusers, diffsynth and the pure-Python packages they need that the machine lacks) and $OUT set.
 # Everything it learns goes to $OUT: bench_gpu.json, RESULTS_gpu.md, gpu_*.json, log.txt. Each command has its
 # own time limit; one device call may take 10 minutes, so the job comes in parts, each under that:
-#   PART=1  the GPU checks (pytest -m gpu) and the mid-size side by side, eager and compiled (9 minutes at most)
+#   PART=1  the GPU checks (pytest -m gpu; CUDA graphs' on their own) and the mid-size side by side, eager,
+#           compiled and as CUDA graphs (10 minutes at most)
 #   PART=2  real size (60 blocks, 20.4B) eager: whole-block and selective checkpointing, block swap, inference
 #           (also with a short negative prompt, separate and batched CFG; about 7 minutes)
 #   PART=3  the mid-size checkpointing modes alternated (eager, compiled), then real size compiled
@@ -68,7 +69,7 @@ timeout 150 python3 -m pytest -q -m gpu -k cuda_graph tests/test_gpu.py -p no:ca
 
 # side by side (mid-size model, all modes, 3 implementations): about a minute, plus the first compiles of the
 # block in the six -compile and two -cudagraphs runs (tens of seconds each); run.py writes its JSON and section after every mode
-timeout 420 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
+timeout 370 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
   --json "$OUT/bench_gpu.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 fi
 
