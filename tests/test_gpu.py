@@ -136,6 +136,15 @@ def test_cuda_attention_backends_compute_attention_in_bf16(backend, masked):
         torch.testing.assert_close(got.double(), want, atol=5e-2, rtol=5e-2)
 
 
+@pytest.fixture
+def cuda_graphs_or_error():
+    """A block that cannot become a CUDA graph raises, with torch's reason, instead of running without."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"triton.cudagraph_or_error": True}):
+        yield
+
+
 def _cuda_graphs_recorded() -> bool:
     from torch._inductor import cudagraph_trees
 
@@ -144,7 +153,7 @@ def _cuda_graphs_recorded() -> bool:
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_cuda_graph_training_matches_eager(tiny_qwen, tmp_path, accumulation):
+def test_cuda_graph_training_matches_eager(tiny_qwen, tmp_path, accumulation, cuda_graphs_or_error):
     """train --compile-mode reduce-overhead: the blocks replay as CUDA graphs (none skipped), with the
     gradients backward leaves in the graphs' memory (1) or added into kept buffers (2), and validation
     sampling between steps (inference graphs in the same tree), giving the losses and weights of the eager
@@ -170,7 +179,7 @@ def test_cuda_graph_training_matches_eager(tiny_qwen, tmp_path, accumulation):
     assert max((eager[k] - graphed[k]).abs().max().item() for k in eager) <= 1e-4
 
 
-def test_cuda_graph_sampling_gives_the_plain_picture(tiny_qwen):
+def test_cuda_graph_sampling_gives_the_plain_picture(tiny_qwen, cuda_graphs_or_error):
     """generate --compile-mode reduce-overhead: two DiT calls per step (true CFG) and a second picture size
     replay as CUDA graphs with the picture of the uncompiled pipeline."""
     from torch._dynamo.utils import counters
