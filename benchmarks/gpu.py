@@ -284,6 +284,10 @@ def run(args) -> dict:
     result["mfu_hw"] = counted["hardware"] / step_s / peak_bf16 if counted and peak_bf16 else None
     if swap is not None:
         result["swap_stats"] = dict(swap.stats)
+    if args.compile_mode:
+        from torch._dynamo.utils import counters
+
+        result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]  # compiled graphs run without them
     return result
 
 
