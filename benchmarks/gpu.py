@@ -399,6 +399,9 @@ def markdown(r: dict) -> str:
         "attention as its plain products; hardware (HFU) = what this step runs, recomputation and the fused "
         f"attention kernel's included. The reference architecture's forward is {r['forward_tflop']:.1f} TFLOP.",
     ]
+    if "cudagraph_skips" in r:
+        lines += ["", f"Compiled with mode {r['compile']}: {r['cudagraph_skips']} compiled graphs ran without CUDA "
+                  "graphs (torch's skips; 0 = every block replayed as a graph)."]
     if r.get("swap_stats"):
         lines += ["", f"Block swap: {r['block_weights_on_device_gb']:.1f} GiB of block weights on the GPU, setup "
                   f"{r['swap_setup_s']:.0f} s, copies {r['swap_stats']}."]
