@@ -226,7 +226,7 @@ def run(args) -> dict:
     if args.compile or args.compile_mode:
         from diffusmith.core.memory import compile_repeated_blocks
 
-        compile_repeated_blocks(dit, **({"mode": args.compile_mode} if args.compile_mode else {}))
+        compile_repeated_blocks(dit, mode=args.compile_mode)
         result["compile"] = args.compile_mode or True
     swap = None
     if args.block_swap is not None:

@@ -74,11 +74,6 @@ MODES = {
 CUDA_GRAPHED = {"train-bf16-cudagraphs", "infer-bf16-cudagraphs"}
 COMPILED = {mode for mode in MODES if mode.endswith("-compile")} | CUDA_GRAPHED
 DIFFUSERS_COMPILES = {"train-bf16-compile", "infer-bf16-compile"} | CUDA_GRAPHED
-
-
-def compile_options(impl: str, mode: str) -> dict:
-    """torch.compile options of ``impl`` in a compiled ``mode``."""
-    return {"mode": "reduce-overhead"} if impl == "diffusmith" and mode in CUDA_GRAPHED else {}
 # `-batchcfg`: diffusmith runs true CFG's two predictions as one batch (`batch_cfg=True`, the default of a
 # streamed DiT); the peers have no such option and run their two DiT calls in the same rotation. In these modes
 # every implementation's negative prompt is a quarter of the positive's real tokens (a short negative prompt,
@@ -94,6 +89,11 @@ def negative_tokens(size: Size, mode: str) -> int:
 def compiles(impl: str, mode: str) -> bool:
     """Whether ``impl`` compiles its model in ``mode``."""
     return mode in COMPILED and (impl == "diffusmith" or (impl == "diffusers" and mode in DIFFUSERS_COMPILES))
+
+
+def compile_mode(impl: str, mode: str) -> str | None:
+    """torch.compile's mode for ``impl`` in a compiled ``mode`` (None: torch's default)."""
+    return "reduce-overhead" if impl == "diffusmith" and mode in CUDA_GRAPHED else None
 
 
 def supports(impl: str, mode: str) -> bool:
@@ -334,7 +334,7 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
             notes.append("LoRA upcast to fp32 by the benchmark (TrainingModule leaves it in the pipeline dtype)")
         if compiles("diffusmith", mode):
             # what `diffusmith train --compile [--compile-mode reduce-overhead]` does, after the LoRA
-            compile_repeated_blocks(pipe.dit, **compile_options("diffusmith", mode))
+            compile_repeated_blocks(pipe.dit, mode=compile_mode("diffusmith", mode))
         optimizer = make_optimizer(module.trainable_parameters().values(), LR)
         x0 = ctx.cast(inp.x0, dtype)
         noise_unit = QwenImageUnit_NoiseInitializer()  # what the trainer's units give each step: fresh noise
@@ -352,7 +352,7 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
 
     pipe.dit.eval()
     if compiles("diffusmith", mode):
-        pipe.compile(**compile_options("diffusmith", mode))  # what `diffusmith generate --compile` does
+        pipe.compile(mode=compile_mode("diffusmith", mode))  # what `diffusmith generate --compile` does
     neg, neg_mask = ctx.prompt_inputs("diffusmith", inp.neg, dtype, negative_tokens(size, mode))
     pipe.scheduler.set_timesteps(1000, image_seq_len=size.image_tokens, device=ctx.device)
     state = {"latents": ctx.cast(inp.noise, dtype), "i": 0}
@@ -684,7 +684,6 @@ def cudagraph_skips() -> int:
 def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, mem_rounds: int) -> dict:
     runners: dict[str, Runner] = {}
     results: dict[str, dict] = {}
-    free(ctx.device)
     baseline = torch.cuda.memory_allocated() if ctx.device.type == "cuda" else 0
     for name in impls:
         if not supports(name, mode):

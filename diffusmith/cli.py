@@ -312,7 +312,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for path, scale in zip(args.lora, lora_scales, strict=True):
         pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
     if args.compile or args.compile_mode:
-        pipe.compile(**({"mode": args.compile_mode} if args.compile_mode else {}))
+        pipe.compile(mode=args.compile_mode)
     image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
                  input_image=args.input_image, denoising_strength=args.denoising_strength,
                  height=args.height, width=args.width, seed=args.seed, num_inference_steps=args.steps,

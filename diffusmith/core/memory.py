@@ -513,11 +513,11 @@ def _check_cuda_graph_placement(model: nn.Module) -> None:
                        "--compile-mode default")
 
 
-def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
-    """``torch.compile`` the forward of each of ``model``'s repeated blocks (in place), with
-    ``compile_kwargs`` passed to ``torch.compile`` (e.g. ``backend="eager"``, ``mode="max-autotune"``).
-    With a mode of ``CUDA_GRAPH_MODES`` the model's weights must all be on the GPU, and each step must start
-    with :func:`begin_step` (the pipeline's denoising step and the training loss do).
+def compile_repeated_blocks(model: nn.Module, mode: str | None = None, **compile_kwargs: Any) -> None:
+    """``torch.compile`` the forward of each of ``model``'s repeated blocks (in place), in ``mode`` (one of
+    ``COMPILE_MODES``; None = torch's default) with ``compile_kwargs`` passed to ``torch.compile`` (e.g.
+    ``backend="eager"``). With a mode of ``CUDA_GRAPH_MODES`` the model's weights must all be on the GPU, and
+    each step must start with :func:`begin_step` (the pipeline's denoising step and the training loss do).
 
     Only the forward method is compiled: the module tree, its state dict keys and any hooks (such as block
     swap's, which run eagerly around the compiled code) stay as they were. Compilation happens on each
@@ -531,9 +531,9 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
     if not _dynamo.is_dynamo_supported():
         raise DiffusmithError("torch.compile is not supported on this Python/platform; leave out --compile")
     blocks = repeated_blocks(model)
-    mode = compile_kwargs.get("mode")
     if mode is not None:
         check_compile_mode(mode)
+        compile_kwargs["mode"] = mode
     cuda_graphs = mode in CUDA_GRAPH_MODES
     if cuda_graphs:
         _check_cuda_graph_placement(model)

@@ -139,16 +139,17 @@ class BasePipeline:
         logger.info("LoRA %s merged into %s (%d modules, scale %g)", path, name, len(lora), scale)
 
     # ---- speed -------------------------------------------------------------------------------------
-    def compile(self, model_name: str | None = None, **compile_kwargs: Any) -> None:
+    def compile(self, model_name: str | None = None, mode: str | None = None, **compile_kwargs: Any) -> None:
         """``torch.compile`` each repeated block of ``model_name`` (default: ``lora_target``, the denoiser):
         the first denoising steps are slow (each new shape compiles), the later ones faster. State dict keys,
         merged LoRAs and offload hooks are unaffected; ``compile_kwargs`` go to ``torch.compile``.
         ``mode="reduce-overhead"`` also replays each block as a CUDA graph; it needs ``offload="none"``."""
-        if compile_kwargs.get("mode") in CUDA_GRAPH_MODES and self.placer.mode is not OffloadMode.NONE:
-            raise DiffusmithError(f"CUDA graphs (--compile-mode {compile_kwargs['mode']}) need the models resident "
+        if mode in CUDA_GRAPH_MODES and self.placer.mode is not OffloadMode.NONE:
+            raise DiffusmithError(f"CUDA graphs (--compile-mode {mode}) need the models resident "
                                   f"on the GPU, not offload {self.placer.mode.value!r}: drop --offload / "
                                   "--block-swap, or use --compile-mode default")
-        compile_repeated_blocks(self._loaded_model(model_name or self.lora_target, "compile"), **compile_kwargs)
+        compile_repeated_blocks(self._loaded_model(model_name or self.lora_target, "compile"), mode=mode,
+                                **compile_kwargs)
 
     def _loaded_model(self, name: str, action: str) -> torch.nn.Module:
         model = self.models().get(name)

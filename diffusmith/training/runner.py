@@ -92,6 +92,11 @@ class TrainConfig:
     sharding: str = "none"  # none (data parallel) | fsdp | deepspeed-zero1 | deepspeed-zero2
     sharding_options: dict = field(default_factory=dict)  # e.g. FSDP's offload, from an accelerate config
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the repeated blocks are compiled (--compile, or a --compile-mode)."""
+        return self.compile or self.compile_mode is not None
+
     def check(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
             raise DiffusmithError(f"unknown --mixed-precision {self.mixed_precision!r}: use no, bf16 or fp16")
@@ -131,7 +136,7 @@ class TrainConfig:
                                           f"{flag}; use --compile-mode default, or drop {flag}")
         if self.sharding != "none":
             for flag, on in (("--block-swap", self.block_swap is not None), ("--fp8-base", self.fp8_base),
-                             ("--compile", self.compile or self.compile_mode is not None)):
+                             ("--compile", self.compiled)):
                 if on:
                     raise DiffusmithError(f"{flag} does not work with --sharding {self.sharding} yet; use one "
                                           "of them")
@@ -223,8 +228,8 @@ def apply_memory_modes(config: TrainConfig, module: TrainingModule, device: torc
         if other is not model or config.block_swap is None:
             other.to(device)
     pipe.device = device
-    if config.compile or config.compile_mode is not None:
-        memory.compile_repeated_blocks(model, **({"mode": config.compile_mode} if config.compile_mode else {}))
+    if config.compiled:
+        memory.compile_repeated_blocks(model, mode=config.compile_mode)
 
 
 def _pipeline_class():
