@@ -7,12 +7,13 @@ canonical table ``{module name: LoraPair}``, with module names as the target mod
 
 - Inference: ``apply_lora(model, read_lora(path, model), scale)`` merges the LoRA into the weights (no cost
   per step); :func:`remove_lora` subtracts it again.
-- Training: :func:`inject_lora` wraps the target Linears with peft LoRA layers (B = 0, so the model starts
-  unchanged); :func:`lora_state_dict` takes the trained pairs out and :func:`save_lora` writes them with
-  diffusers' keys and header, which diffusers' ``load_lora_weights`` and ComfyUI both read.
+- Training: :func:`inject_lora` wraps the target Linears in merge-free :class:`~.lora_layer.LoraLinear` layers
+  (B = 0, so the model starts unchanged); :func:`lora_state_dict` takes the trained pairs out and
+  :func:`save_lora` writes them with diffusers' keys and header, which diffusers' ``load_lora_weights`` and
+  ComfyUI both read.
 
 Which modules a model trains by default is declared on the model (e.g. ``QwenImageDiT.default_lora_targets``),
-not here. peft is imported only by the training functions.
+not here. Nothing here needs peft; peft's key and header conventions are what the files follow.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 from ..errors import DiffusmithError
 from .devices import resolve_dtype
 from .loading import find_weight_files, load_state_dict, read_safetensors_metadata
+from .lora_layer import LoraLinear
 from .memory import Fp8Linear
 
 __all__ = [
@@ -262,7 +264,7 @@ def _alpha_from_config(config: dict, module: str, rank: int) -> float | None:
 
 
 def _linear_for(module: nn.Module) -> nn.Module:
-    """The Linear that holds the weight: the module itself, or the base layer of a peft LoRA layer."""
+    """The Linear that holds the weight: the module itself, or the base layer of a LoRA layer."""
     return getattr(module, "base_layer", module)
 
 
@@ -325,17 +327,8 @@ def remove_lora(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# LoRA layers for training (peft)
+# LoRA layers for training
 # ----------------------------------------------------------------------------------------------------
-
-
-def _peft():
-    try:
-        import peft
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        raise DiffusmithError("LoRA training needs the peft package: pip install peft") from None
-    return peft, LoraLayer
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -361,63 +354,64 @@ def find_lora_targets(model: nn.Module, targets: Iterable[str], exclude: Iterabl
     return [n for n in chosen if not any(n == e or n.startswith(e + ".") for e in exclude)]
 
 
+def _lora_layers(model: nn.Module, adapter_name: str) -> dict[str, LoraLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear) and m.adapter_name == adapter_name}
+
+
 def inject_lora(model: nn.Module, targets: Iterable[str], rank: int, alpha: float | None = None,
                 adapter_name: str = "default", exclude: Iterable[str] = ()) -> list[str]:
-    """Wrap the target Linears of ``model`` (in place) with peft LoRA layers of ``rank`` and ``alpha``
-    (None = rank, scale 1); ``lora_B`` starts at zero so the model's output is unchanged.
+    """Replace the target Linears of ``model`` (in place) with :class:`LoraLinear` layers of ``rank`` and
+    ``alpha`` (None = rank, scale 1); ``lora_B`` starts at zero so the model's output is unchanged.
 
-    Returns the wrapped module names. Only the LoRA weights require grad afterwards (peft's rule)."""
-    peft, lora_layer = _peft()
-    if not isinstance(rank, int) or rank < 1:
+    Returns the wrapped module names. Every weight of ``model`` is frozen afterwards except the LoRA's
+    (float32)."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise DiffusmithError(f"LoRA rank must be a positive integer, got {rank!r}")
+    alpha = float(rank if alpha is None else alpha)
+    if not math.isfinite(alpha):
+        raise DiffusmithError(f"LoRA alpha must be a finite number, got {alpha}")
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise DiffusmithError(f"the {type(model).__name__} already has LoRA layers; train one LoRA at a time")
     names = find_lora_targets(model, targets, exclude)
     if not names:
         raise DiffusmithError("every LoRA target module is excluded; nothing would train")
-    config = peft.LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha), target_modules=names,
-                             lora_dropout=0.0, bias="none", init_lora_weights=True)
-    peft.inject_adapter_in_model(config, model, adapter_name=adapter_name)
-    return [n for n, m in model.named_modules() if isinstance(m, lora_layer) and adapter_name in m.lora_A]
+    model.requires_grad_(False)
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, LoraLinear(getattr(parent, attr), rank, alpha, adapter_name))
+    return names
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> LoraWeights:
-    """The LoRA pairs of a model with peft LoRA layers (detached, not copied), alpha included."""
-    _, lora_layer = _peft()
-    out: LoraWeights = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, lora_layer) or adapter_name not in module.lora_A:
-            continue
-        if module.use_dora.get(adapter_name):
-            raise DiffusmithError(f"{name} is a DoRA layer; only plain LoRA can be saved")
-        rank = module.r[adapter_name]
-        out[name] = LoraPair(down=module.lora_A[adapter_name].weight.detach(),
-                             up=module.lora_B[adapter_name].weight.detach(),
-                             alpha=float(module.scaling[adapter_name]) * rank)  # scaling = alpha / r (or rslora)
-    if not out:
+    """The LoRA pairs of a model with LoRA layers (detached, not copied), alpha included."""
+    layers = _lora_layers(model, adapter_name)
+    if not layers:
         raise DiffusmithError(f"the {type(model).__name__} has no LoRA layers (adapter {adapter_name!r}); "
                               "call inject_lora first")
-    return out
+    return {name: LoraPair(down=layer.down.detach(), up=layer.up.detach(), alpha=layer.alpha)
+            for name, layer in layers.items()}
 
 
 def set_lora_weights(model: nn.Module, lora: LoraWeights, adapter_name: str = "default") -> None:
-    """Copy LoRA pairs into a model's peft LoRA layers (e.g. to start training from a LoRA file).
+    """Copy LoRA pairs into a model's LoRA layers (e.g. to start training from a LoRA file).
 
     The layers keep their own alpha: ``up`` is rescaled so that each layer's delta equals the file's."""
-    _, lora_layer = _peft()
-    modules = dict(model.named_modules())
-    bad = [n for n in lora if not isinstance(modules.get(n), lora_layer) or adapter_name not in modules[n].lora_A]
+    layers = _lora_layers(model, adapter_name)
+    bad = [n for n in lora if n not in layers]
     if bad:
         raise DiffusmithError(f"{len(bad)} LoRA modules have no LoRA layer in the model (e.g. {_examples(bad)}); "
                               "inject_lora on the same targets first")
     with torch.no_grad():
         for name, pair in lora.items():
-            layer = modules[name]
-            down, up = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            layer = layers[name]
+            down, up = layer.down, layer.up
             if down.shape != pair.down.shape or up.shape != pair.up.shape:
                 raise DiffusmithError(f"{name}: LoRA of rank {pair.rank} {tuple(pair.up.shape)}x"
                                       f"{tuple(pair.down.shape)} does not fit the layer's rank {down.shape[0]} "
                                       f"{tuple(up.shape)}x{tuple(down.shape)}")
             down.copy_(pair.down)
-            up.copy_(pair.up.float() * (pair.scale / float(layer.scaling[adapter_name])))
+            up.copy_(pair.up.float() * (pair.scale / layer.scale))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -431,7 +425,7 @@ def save_lora(path: str | Path, lora: nn.Module | Mapping[str, LoraPair], rank: 
     """Write a LoRA as ``<prefix><module>.lora_A.weight`` / ``.lora_B.weight`` safetensors with diffusers'
     ``lora_adapter_metadata`` header (r, lora_alpha, target_modules, ...), atomically.
 
-    ``lora`` is a model with peft LoRA layers (see :func:`inject_lora`) or a ``{module: LoraPair}`` table.
+    ``lora`` is a model with LoRA layers (see :func:`inject_lora`) or a ``{module: LoraPair}`` table.
     ``rank`` and ``alpha``, when given, are checked against the weights (and for pairs without an alpha,
     ``alpha`` is theirs).
 

@@ -388,7 +388,7 @@ def enable_fp8_storage(model: nn.Module, dtype: torch.dtype | str | None = None,
     """Store every frozen ``nn.Linear`` weight inside ``model``'s repeated blocks in float8 (default
     ``torch.float8_e4m3fn``), with one float32 scale per output row; the weight is upcast when its layer runs.
 
-    For a LoRA (peft) layer the frozen base layer is converted and the LoRA weights are left as they are.
+    For a LoRA layer the frozen base layer is converted and the LoRA weights are left as they are.
     Biases keep their dtype. ``skip`` lists module names (or name suffixes, as LoRA targets are written)
     left in full precision. Apply it after the LoRA is injected (converted layers are no ``nn.Linear`` a
     LoRA could target) and do not cast the model with ``.to(dtype)`` afterwards. Returns the converted names.
@@ -401,7 +401,7 @@ def enable_fp8_storage(model: nn.Module, dtype: torch.dtype | str | None = None,
         for name, module in list(block.named_modules()):
             if not isinstance(module, nn.Linear) or module.weight.requires_grad:
                 continue
-            if any(part.startswith("lora_") for part in name.split(".")):  # a peft adapter's own layers
+            if any(part.startswith("lora_") for part in name.split(".")):  # a LoRA layer's own Linears
                 continue
             full_name = f"{model.repeated_blocks}.{block_index}.{name}"
             if _skipped(full_name, skip):

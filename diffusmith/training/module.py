@@ -81,14 +81,6 @@ class TrainingModule(nn.Module):
             targets = list(self.spec.targets or self.model.default_lora_targets)
             self.lora_modules = inject_lora(self.model, targets, rank=self.spec.rank, alpha=self.spec.lora_alpha,
                                             exclude=unused)
-            for param in self.trainable_parameters().values():  # peft follows the base dtype: keep fp32
-                param.data = param.data.float()
-            if next(self.model.parameters()).dtype != torch.float32:
-                # compute runs under autocast: peft's cast of each LoRA input to fp32 would only keep an
-                # extra copy of every input for backward (same result, less memory)
-                for module in self.model.modules():
-                    if hasattr(module, "cast_input_dtype_enabled"):
-                        module.cast_input_dtype_enabled = False
         self.model.train()
         n = sum(p.numel() for p in self.trainable_parameters().values())
         logger.info("training %s: %s, %.2fM trainable parameters", self.model_name,

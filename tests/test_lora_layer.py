@@ -1,0 +1,146 @@
+"""The training LoRA layer against peft's (the reference): the same initial weights for a seed, the same
+outputs and gradients, in float32 and under bf16 autocast, and three matrix products per call."""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from diffusmith import DiffusmithError
+from diffusmith.core.lora import inject_lora, lora_state_dict
+from diffusmith.core.lora_layer import LoraLinear
+
+peft = pytest.importorskip("peft")
+
+IN, OUT, RANK, ALPHA = 24, 40, 4, 12.0  # alpha != rank: scale 3
+
+
+def peft_layer(base: nn.Linear, rank: int = RANK, alpha: float = ALPHA) -> nn.Module:
+    holder = nn.Sequential(copy.deepcopy(base))
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], lora_dropout=0.0)
+    peft.inject_adapter_in_model(config, holder)
+    return holder[0]
+
+
+def pair(seed: int = 0) -> tuple[nn.Module, LoraLinear]:
+    """peft's layer and ours on the same base, with the same random (as if trained) LoRA weights."""
+    torch.manual_seed(seed)
+    base = nn.Linear(IN, OUT).requires_grad_(False)
+    reference, ours = peft_layer(base), LoraLinear(copy.deepcopy(base), RANK, ALPHA)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name in ("lora_A", "lora_B"):
+            weight = getattr(reference, name)["default"].weight
+            weight.copy_(torch.randn(weight.shape, generator=g) * 0.3)
+            getattr(ours, name)["default"].weight.copy_(weight)
+    return reference, ours
+
+
+def outputs_and_grads(layer: nn.Module, x: torch.Tensor, autocast: bool = False) -> dict[str, torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    y.float().square().sum().backward()
+    return {"y": y.detach().float(), "x": x.grad.float(), "down": layer.lora_A["default"].weight.grad,
+            "up": layer.lora_B["default"].weight.grad}
+
+
+def test_initial_weights_are_peft_s_for_the_same_seed():
+    base = nn.Linear(IN, OUT)
+    torch.manual_seed(7)
+    reference = peft_layer(base)
+    torch.manual_seed(7)
+    ours = LoraLinear(copy.deepcopy(base), RANK, ALPHA)
+    assert torch.equal(ours.down, reference.lora_A["default"].weight)
+    assert torch.equal(ours.up, torch.zeros(OUT, RANK))
+    x = torch.randn(3, IN)
+    assert torch.equal(ours(x), base(x))  # a zero update leaves the base's output bit for bit
+    assert ours.alpha == ALPHA and ours.scale == ALPHA / RANK
+
+
+@pytest.mark.parametrize("shape", [(2, 5, IN), (7, IN), (IN,)])
+def test_float32_outputs_and_gradients_match_peft(shape):
+    reference, ours = pair()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    expected, got = outputs_and_grads(reference, x), outputs_and_grads(ours, x)
+    assert got["y"].shape == expected["y"].shape
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_bf16_autocast_matches_peft_within_its_rounding():
+    """bf16 base, float32 LoRA, autocast: as a trainer runs it. The sum is rounded once (inside the product)
+    instead of twice, so ours is at least as close to the float32 result as peft's."""
+    reference, ours = pair()
+    x = torch.randn(2, 64, IN, generator=torch.Generator().manual_seed(4)).bfloat16()
+    exact = outputs_and_grads(copy.deepcopy(ours), x.float())
+    for layer in (reference, ours):
+        layer.base_layer.to(torch.bfloat16)
+    expected, got = outputs_and_grads(reference, x, autocast=True), outputs_and_grads(ours, x, autocast=True)
+    assert got["y"].dtype == expected["y"].dtype and ours.lora_A["default"].weight.grad.dtype == torch.float32
+    for key in expected:
+        scale = expected[key].abs().max()
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0.02 * scale, msg=key)
+    assert (got["y"] - exact["y"]).abs().mean() <= (expected["y"] - exact["y"]).abs().mean() * 1.05
+
+
+def test_outside_autocast_a_half_base_runs_the_lora_in_float32():
+    _, ours = pair()
+    ours.base_layer.to(torch.bfloat16)
+    x = torch.randn(4, IN).bfloat16()
+    y = ours(x)
+    assert y.dtype == torch.bfloat16
+    low_rank = x.float() @ ours.down.detach().T @ ours.up.detach().T * ours.scale
+    torch.testing.assert_close(y, (ours.base_layer(x) + low_rank.bfloat16()), rtol=0, atol=0)
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_call_runs_three_products_and_no_pass_over_the_output():
+    reference, ours = pair()
+    x = torch.randn(2, 5, IN)
+    counts = {}
+    for name, layer in (("peft", reference), ("ours", ours)):
+        with OpCounter() as counter:
+            layer(x)
+        counts[name] = counter.ops
+    assert counts["ours"]["addmm"] + counts["ours"]["mm"] == 3
+    assert not {"mul", "add", "_to_copy"} & set(counts["ours"])
+    assert counts["peft"]["mul"] == 1 and counts["peft"]["add"] == 1  # the control: what the fused sum saves
+
+
+def test_inject_lora_uses_these_layers_with_peft_s_names():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, IN))
+    names = inject_lora(model, ["0", "2"], rank=RANK, alpha=ALPHA)
+    assert names == ["0", "2"] and all(isinstance(model[int(n)], LoraLinear) for n in names)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{n}.lora_{ab}.default.weight" for n in names for ab in "AB"}
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == {
+        f"{n}.base_layer.{w}" for n in names for w in ("weight", "bias")}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert {n: p.alpha for n, p in lora_state_dict(model).items()} == {"0": ALPHA, "2": ALPHA}
+
+
+def test_inject_lora_twice_or_with_a_bad_rank_is_a_one_line_error():
+    model = nn.Sequential(nn.Linear(IN, OUT))
+    for rank in (0, 1.5, True):
+        with pytest.raises(DiffusmithError, match="rank"):
+            inject_lora(model, ["0"], rank=rank)
+    inject_lora(model, ["0"], rank=RANK)
+    with pytest.raises(DiffusmithError, match="already has LoRA layers") as info:
+        inject_lora(model, ["0"], rank=RANK)
+    assert "\n" not in str(info.value)
