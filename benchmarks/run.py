@@ -874,8 +874,9 @@ def markdown(results: dict, size: Size, info: dict, agreement: list[str], args, 
                 if "diffusmith" in row else "-"
             lines.append(f"| {m} | " + " | ".join(_fmt(row[n], 0) for n in impls) + f" | {ratio} |")
 
+    trains = [m for m in modes if MODES[m][0]][:1]  # an inference mode has no trainable parameters
     lines += ["", "Trainable parameters (LoRA) per implementation: " + "; ".join(
-        f"{n}: {results[n][m]['lora']}" for n in impls for m in modes[:1] if "lora" in results.get(n, {}).get(m, {}))
+        f"{n}: {results[n][m]['lora']}" for n in impls for m in trains if "lora" in results.get(n, {}).get(m, {}))
         + ". Per implementation: " + "; ".join(
         f"{n}: {', '.join(sorted({note for m in modes for note in results.get(n, {}).get(m, {}).get('notes', [])}))}"
         for n in impls if any(results.get(n, {}).get(m, {}).get("notes") for m in modes)) + "."]
