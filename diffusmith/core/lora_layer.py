@@ -32,7 +32,7 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 class LoraLinear(nn.Module):
-    """``base`` (any module with ``in_features`` and ``out_features``, e.g. ``nn.Linear`` or an fp8 Linear)
+    """``base`` (a module with ``weight``, ``in_features`` and ``out_features``: ``nn.Linear``, an fp8 Linear)
     plus a trainable LoRA of ``rank`` and ``alpha`` under ``adapter_name``."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, adapter_name: str = "default"):
@@ -47,7 +47,7 @@ class LoraLinear(nn.Module):
         down, up = nn.Linear(self.in_features, rank, bias=False), nn.Linear(rank, self.out_features, bias=False)
         nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
         nn.init.zeros_(up.weight)
-        device = next(base.parameters()).device
+        device = base.weight.device
         self.lora_A = nn.ModuleDict({adapter_name: down.to(device)})
         self.lora_B = nn.ModuleDict({adapter_name: up.to(device)})
 
