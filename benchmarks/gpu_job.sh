@@ -38,7 +38,7 @@ if [ "$PART" = key ]; then
 # the GPU checks, then those of CUDA graphs on their own (they compile with inductor: a minute or more), so that
 # a slow compile cannot cut the others short
 timeout 80 python3 -m pytest -q -m gpu -k "not cuda_graph" tests/test_gpu.py tests/test_memory.py \
-  tests/test_checkpoint.py -p no:cacheprovider 2>&1 | tee -a "$LOG"
+  tests/test_checkpoint.py tests/test_lora_layer.py -p no:cacheprovider 2>&1 | tee -a "$LOG"
 timeout 150 python3 -m pytest -q -m gpu -k cuda_graph tests/test_gpu.py -p no:cacheprovider 2>&1 | tee -a "$LOG"
 timeout 200 python3 benchmarks/run.py --device cuda --runs 10 --warmup 3 \
   --modes train-bf16 train-bf16-compile train-bf16-cudagraphs infer-bf16 infer-bf16-cudagraphs infer-bf16-batchcfg \
@@ -64,7 +64,7 @@ if part 1; then
 # the checks that need a GPU (real device placement, bf16 on CUDA, block swap, CUDA RNG in checkpoints), then
 # CUDA graphs' (inductor compiles: a minute or more)
 timeout 80 python3 -m pytest -q -m gpu -k "not cuda_graph" tests/test_gpu.py tests/test_memory.py \
-  tests/test_checkpoint.py -p no:cacheprovider 2>&1 | tee -a "$LOG"
+  tests/test_checkpoint.py tests/test_lora_layer.py -p no:cacheprovider 2>&1 | tee -a "$LOG"
 timeout 150 python3 -m pytest -q -m gpu -k cuda_graph tests/test_gpu.py -p no:cacheprovider 2>&1 | tee -a "$LOG"
 
 # side by side (mid-size model, all modes, 3 implementations): about a minute, plus the first compiles of the

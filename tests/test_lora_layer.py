@@ -43,7 +43,7 @@ def pair(seed: int = 0) -> tuple[nn.Module, LoraLinear]:
 
 def outputs_and_grads(layer: nn.Module, x: torch.Tensor, autocast: bool = False) -> dict[str, torch.Tensor]:
     x = x.detach().clone().requires_grad_(True)
-    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
         y = layer(x)
     y.float().square().sum().backward()
     return {"y": y.detach().float(), "x": x.grad.float(), "down": layer.lora_A["default"].weight.grad,
@@ -73,11 +73,9 @@ def test_float32_outputs_and_gradients_match_peft(shape):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
-def test_bf16_autocast_matches_peft_within_its_rounding():
-    """bf16 base, float32 LoRA, autocast: as a trainer runs it. The sum is rounded once (inside the product)
-    instead of twice, so ours is at least as close to the float32 result as peft's."""
-    reference, ours = pair()
-    x = torch.randn(2, 64, IN, generator=torch.Generator().manual_seed(4)).bfloat16()
+def check_bf16_autocast_against_peft(device: str) -> None:
+    reference, ours = (layer.to(device) for layer in pair())
+    x = torch.randn(2, 64, IN, generator=torch.Generator().manual_seed(4)).bfloat16().to(device)
     exact = outputs_and_grads(copy.deepcopy(ours), x.float())
     for layer in (reference, ours):
         layer.base_layer.to(torch.bfloat16)
@@ -87,6 +85,18 @@ def test_bf16_autocast_matches_peft_within_its_rounding():
         scale = expected[key].abs().max()
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0.02 * scale, msg=key)
     assert (got["y"] - exact["y"]).abs().mean() <= (expected["y"] - exact["y"]).abs().mean() * 1.05
+
+
+def test_bf16_autocast_matches_peft_within_its_rounding():
+    """bf16 base, float32 LoRA, autocast: as a trainer runs it. The sum is rounded once (inside the product)
+    instead of twice, so ours is at least as close to the float32 result as peft's."""
+    check_bf16_autocast_against_peft("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_autocast_matches_peft_on_cuda():
+    check_bf16_autocast_against_peft("cuda")
 
 
 def test_outside_autocast_a_half_base_runs_the_lora_in_float32():
