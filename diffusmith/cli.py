@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_compile(group) -> None:
-    from .core.memory import COMPILE_MODES
+    from .core.compilation import COMPILE_MODES
 
     group.add_argument("--compile", action="store_true",
                        help="torch.compile each transformer block (faster steps after slow first ones)")

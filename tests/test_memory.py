@@ -13,7 +13,7 @@ from test_training import config, losses, make_dataset
 
 from diffusmith import DiffusmithError, QwenImagePipeline
 from diffusmith.cli import main
-from diffusmith.core import memory
+from diffusmith.core import block_swap, compilation, memory
 from diffusmith.core.lora import inject_lora
 from diffusmith.core.memory import (
     BlockSwap,
@@ -383,7 +383,7 @@ def test_compiled_blocks_serve_new_sizes_without_recompiling_each():
     assert not any(graphs[:counts[0]]) and all(graphs[counts[0]:])
     # past torch's default of 8 graphs per code a checkpointed block's recomputation would run eagerly
     # while its forward ran compiled (CheckpointError): compiling raises the limit
-    assert torch._dynamo.config.recompile_limit >= memory.RECOMPILE_LIMIT
+    assert torch._dynamo.config.recompile_limit >= compilation.RECOMPILE_LIMIT
 
 
 def test_compile_failures_are_clear(monkeypatch):
@@ -591,7 +591,7 @@ def test_block_swap_keeps_a_recomputed_block_until_the_previous_one_is_recompute
     original = BlockSwap._release
 
     def spy(self, block):
-        released.append((block.index, memory._in_backward()))
+        released.append((block.index, block_swap._in_backward()))
         return original(self, block)
 
     BlockSwap._release = spy

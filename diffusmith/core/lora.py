@@ -33,9 +33,9 @@ from torch import nn
 
 from ..errors import DiffusmithError
 from .devices import resolve_dtype
+from .fp8 import Fp8Linear
 from .loading import find_weight_files, load_state_dict, read_safetensors_metadata
 from .lora_layer import LoraLinear
-from .memory import Fp8Linear
 
 __all__ = [
     "LoraPair",

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..core.compilation import CUDA_GRAPH_MODES, compile_repeated_blocks
 from ..core.lora import apply_lora, read_lora
-from ..core.memory import CUDA_GRAPH_MODES, compile_repeated_blocks
 from ..core.offload import ModelPlacer, OffloadMode
 from ..errors import DiffusmithError
 

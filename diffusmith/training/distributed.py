@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.memory import repeated_blocks
+from ..core.blocks import repeated_blocks
 from ..errors import DiffusmithError
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.compilation import begin_step
 from ..core.lora import inject_lora
-from ..core.memory import begin_step
 from ..errors import DiffusmithError
 from ..pipelines.base import BasePipeline, run_unit
 from ..schedulers.flow_match import TimestepSampling
