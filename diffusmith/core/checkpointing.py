@@ -14,9 +14,10 @@ recomputed:
   kept (q/k/v and output projections, the MLP's down-projection); the elementwise work (norms, modulation,
   rotary embedding, GELU, casts, gates) and the products that widen their input 4x or more (the MLP's
   up-projection, whose 4x-wide output is a block's largest activation, and a LoRA's up-projection, which
-  costs rank/width of its layer) run again in backward. Measured on the mid-size benchmark model (CPU):
-  about half the activations of no checkpointing at about 1.1x its time, where ``"full"`` gives 0.3x at
-  1.2x at the model's 4 blocks (a deep model's whole-block step approaches 1.5x; benchmarks/RESULTS.md).
+  costs rank/width of its layer) run again in backward. Measured on the mid-size benchmark model (two
+  CPUs): about half the activations of no checkpointing at 1.1x-1.3x its time, where ``"full"`` gives 0.3x
+  at 1.2x-1.4x at the model's 4 blocks (a deep model's whole-block step approaches 1.5x;
+  benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
