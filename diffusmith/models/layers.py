@@ -30,12 +30,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     result returned in ``x``'s dtype.
     """
     x32 = x.float()  # one fp32 copy: autograd keeps it once, not twice
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return _scale_rms_normed(x32 * _inv_rms(x32, eps), weight, x.dtype)
+
+
+def _inv_rms(x32: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+
+
+def _scale_rms_normed(normed: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     if weight is None:
-        return normed.to(x.dtype)
+        return normed.to(dtype)
     if weight.dtype in _HALF_DTYPES:
         return normed.to(weight.dtype) * weight
-    return (normed * weight).to(x.dtype)
+    return (normed * weight).to(dtype)
 
 
 def timestep_embedding(
@@ -119,10 +126,11 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
 # Norms that keep only their inputs for backward
 # ----------------------------------------------------------------------------------------------------------
 # A norm's float32 intermediates (rms_norm's copy of x, a LayerNorm output that the modulation product keeps)
-# are as large as the activations around them. These autograd Functions keep the inputs instead and derive
-# the gradients by hand from a recomputed norm: the same ops, in the same order and dtypes, that autograd runs
-# for the plain call, so values and gradients are bitwise those of the plain call (tested), without a second
-# autograd graph per norm.
+# are as large as the activations around them. These autograd Functions keep the inputs instead (and the RMS
+# norm its inverse RMS, one float per row, so that backward does not reduce over x again) and derive the
+# gradients by hand from the recomputed normalised values: the same ops, in the same order and dtypes, that
+# autograd runs for the plain call, so values and gradients are bitwise those of the plain call (tested),
+# without a second autograd graph per norm.
 
 
 def _keeps_inputs(*inputs: torch.Tensor | None) -> bool:
@@ -135,16 +143,16 @@ def _keeps_inputs(*inputs: torch.Tensor | None) -> bool:
 class _RMSNormKeepingInput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-        ctx.eps = eps
-        ctx.save_for_backward(x, weight)
-        return rms_norm(x, weight, eps)
+        x32 = x.float()
+        inv_rms = _inv_rms(x32, eps)  # one float per row: kept, not recomputed in backward
+        ctx.save_for_backward(x, weight, inv_rms)
+        return _scale_rms_normed(x32 * inv_rms, weight, x.dtype)  # rms_norm's ops
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, weight = ctx.saved_tensors
+        x, weight, inv_rms = ctx.saved_tensors
         need_x, need_weight = ctx.needs_input_grad[:2]
         x32 = x.float()
-        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + ctx.eps)
         normed = x32 * inv_rms
         grad_weight = None
         if weight is None:
