@@ -41,7 +41,8 @@ class LoraLinear(nn.Module):
         self.base_layer = base
         self.adapter_name = adapter_name
         self.rank = rank
-        self.scale = float(alpha) / rank
+        self.alpha = float(alpha)
+        self.scale = self.alpha / rank
         # peft's order of construction and initialisation, so that a seed gives peft's weights: both Linears
         # built (drawing their default init), then down drawn again and up zeroed
         down, up = nn.Linear(self.in_features, rank, bias=False), nn.Linear(rank, self.out_features, bias=False)
@@ -58,10 +59,6 @@ class LoraLinear(nn.Module):
     @property
     def up(self) -> nn.Parameter:
         return self.lora_B[self.adapter_name].weight  # (out, r)
-
-    @property
-    def alpha(self) -> float:
-        return self.scale * self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (..., out)
