@@ -205,6 +205,13 @@ def optimizer_state_bytes(optimizer) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def cudagraph_skips() -> int:
+    """Compiled graphs torch ran without CUDA graphs so far in this process (each skip logs its reason)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def _version(name: str) -> str:
     try:
         return importlib.metadata.version(name)

@@ -285,9 +285,7 @@ def run(args) -> dict:
     if swap is not None:
         result["swap_stats"] = dict(swap.stats)
     if args.compile_mode:
-        from torch._dynamo.utils import counters
-
-        result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]  # compiled graphs run without them
+        result["cudagraph_skips"] = common.cudagraph_skips()  # compiled graphs run without CUDA graphs
     return result
 
 

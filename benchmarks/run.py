@@ -330,8 +330,8 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
                                          gradient_checkpointing_mode=gc_mode or "full"))
         skipped = [n.rsplit(".", 1)[-1] for n in getattr(pipe.dit, "modules_without_gradient", list)()]
         notes = [f"LoRA skips the last block's {'/'.join(skipped)} (no gradient reaches them)"] if skipped else []
-        if upcast_lora(module.trainable_parameters().values()):
-            notes.append("LoRA upcast to fp32 by the benchmark (TrainingModule leaves it in the pipeline dtype)")
+        if any(p.dtype != torch.float32 for p in module.trainable_parameters().values()):
+            raise RuntimeError("diffusmith's LoRA weights are not float32: the trainer changed, update this benchmark")
         if compiles("diffusmith", mode):
             # what `diffusmith train --compile [--compile-mode reduce-overhead]` does, after the LoRA
             compile_repeated_blocks(pipe.dit, mode=compile_mode("diffusmith", mode))
@@ -674,13 +674,6 @@ def free(device: torch.device) -> None:
     common.malloc_trim()
 
 
-def cudagraph_skips() -> int:
-    """Compiled graphs torch ran without CUDA graphs so far (each skip logs its reason)."""
-    from torch._dynamo.utils import counters
-
-    return counters["inductor"]["cudagraph_skips"]
-
-
 def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, mem_rounds: int) -> dict:
     runners: dict[str, Runner] = {}
     results: dict[str, dict] = {}
@@ -700,7 +693,7 @@ def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, 
             results[name] = {"error": f"setup: {type(e).__name__}: {e}"}
     times: dict[str, list[float]] = {name: [] for name in runners}
     last: dict[str, float] = {}
-    skips = cudagraph_skips()
+    skips = common.cudagraph_skips()
     if mode in COMPILED:
         warmup = max(warmup, 3)  # the first steps compile the block's forward and backward
     for r in range(warmup + runs):
@@ -721,9 +714,10 @@ def run_mode(ctx: Context, mode: str, impls: list[str], runs: int, warmup: int, 
                 times[name].append(seconds)
         logger.info("  %s round %d/%d%s: %s", mode, r + 1, warmup + runs, " (warm-up)" if r < warmup else "",
                     ", ".join(f"{n} {last[n]:.3f}s" for n in runners if n in last))
-    if mode in CUDA_GRAPHED and "diffusmith" in runners and cudagraph_skips() > skips:
-        runners["diffusmith"].notes.append(f"{cudagraph_skips() - skips} of its compiled graphs ran without CUDA "
-                                           "graphs (torch's skips; see the log)")
+    skipped = common.cudagraph_skips() - skips
+    if mode in CUDA_GRAPHED and "diffusmith" in runners and skipped:
+        runners["diffusmith"].notes.append(f"{skipped} of its compiled graphs ran without CUDA graphs (torch's "
+                                           "skips; see the log)")
     # CUDA graphs keep their working memory allocated between steps (torch's graph pool): a step's rise above
     # the level at its start misses it. What is allocated beyond every runner's weights and optimizer state
     # (the others keep nothing between steps) is that pool, counted to the graphed runner.

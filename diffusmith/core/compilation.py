@@ -7,6 +7,7 @@ fp8 storage and block swap.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -25,19 +26,16 @@ logger = logging.getLogger(__name__)
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
+    """torch.compile's own exception types that this torch has (InductorError is newer than torch 2.4)."""
     errors: list[type[BaseException]] = []
-    try:
+    with contextlib.suppress(ImportError):
         from torch._dynamo.exc import TorchDynamoException
 
         errors.append(TorchDynamoException)
-    except ImportError:
-        pass
-    try:
+    with contextlib.suppress(ImportError):
         from torch._inductor.exc import InductorError
 
         errors.append(InductorError)
-    except ImportError:
-        pass
     return tuple(errors)
 
 
