@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     results = measure(ctx, modes, args.runs, args.warmup)
     report = markdown(results, base, ctx, args, info, common.load_average())
     if not args.no_results:
-        common.replace_section(args.results, f"checkpointing.py:{args.device}:{args.dtype}{suffix}:{size.layers}",
-                               report)
+        machine = "cuda" if args.device == "cuda" else f"cpu-{common.cpu_vendor()}"
+        common.replace_section(args.results, f"checkpointing.py:{machine}:{args.dtype}{suffix}:{size.layers}", report)
     logger.info("\n%s", report)
     return 0
 

@@ -229,6 +229,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_vendor() -> str:
+    """``intel``, ``amd`` or ``cpu``: a short name that keeps CPU results of different machines apart (their bf16
+    figures do not compare: see the machine note in RESULTS.md)."""
+    model = cpu_model().lower()
+    return next((vendor for vendor in ("intel", "amd") if vendor in model), "cpu")
+
+
 def load_average() -> str:
     """1-minute load average and CPU count: other processes on a shared machine skew CPU timings."""
     try:

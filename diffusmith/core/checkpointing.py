@@ -15,9 +15,9 @@ recomputed:
   rotary embedding, GELU, casts, gates) and the products that widen their input 4x or more (the MLP's
   up-projection, whose 4x-wide output is a block's largest activation, and a LoRA's up-projection, which
   costs rank/width of its layer) run again in backward. Measured on the mid-size benchmark model (two
-  CPUs): about half the activations of no checkpointing at 1.1x-1.3x its time, where ``"full"`` gives 0.3x
-  at 1.2x-1.4x at the model's 4 blocks (a deep model's whole-block step approaches 1.5x;
-  benchmarks/RESULTS.md).
+  CPUs, alternated with no checkpointing): about half the activations of no checkpointing at 1.1x-1.2x its
+  time, where ``"full"`` gives 0.3x at 1.2x-1.25x at the model's 4 blocks (a deep model's whole-block step
+  approaches 1.5x; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
