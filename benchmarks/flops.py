@@ -37,9 +37,15 @@ def _fused_attention(q, k, v, attn_mask=None):
     return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True)[0]
 
 
+def _inplace_addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    """``addmm_``: the product's FLOPs, as torch counts ``addmm`` (whose table lacks the in-place form that the
+    LoRA layer's backward runs)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def count_flops(step: Callable[[], object], *, fused_attention: bool) -> int:
     """Matrix-product FLOPs of one call of ``step`` (forward and, if it calls it, backward)."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _inplace_addmm_flops})
     # patched for the call, the recomputation of checkpointed blocks in backward included (which a torch
     # function mode would not see)
     sdpa = mock.patch.object(F, "scaled_dot_product_attention", _fused_attention) if fused_attention else None

@@ -40,13 +40,15 @@ def pair(seed: int = 0) -> tuple[nn.Module, LoraLinear]:
     return reference, ours
 
 
-def outputs_and_grads(layer: nn.Module, x: torch.Tensor, autocast: bool = False) -> dict[str, torch.Tensor]:
-    x = x.detach().clone().requires_grad_(True)
+def outputs_and_grads(layer: nn.Module, x: torch.Tensor, autocast: bool = False,
+                      x_grad: bool = True) -> dict[str, torch.Tensor]:
+    """The output and the gradients that exist (x's with ``x_grad``, and the trainable LoRA weights')."""
+    x = x.detach().clone().requires_grad_(x_grad)
     with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
         y = layer(x)
     y.float().square().sum().backward()
-    return {"y": y.detach().float(), "x": x.grad.float(), "down": layer.lora_A["default"].weight.grad,
-            "up": layer.lora_B["default"].weight.grad}
+    grads = {"x": x.grad, "down": layer.lora_A["default"].weight.grad, "up": layer.lora_B["default"].weight.grad}
+    return {"y": y.detach().float(), **{name: g.float() for name, g in grads.items() if g is not None}}
 
 
 def test_initial_weights_are_peft_s_for_the_same_seed():
@@ -119,6 +121,53 @@ def test_a_call_runs_three_products_and_no_pass_over_the_output():
     assert counts["ours"]["addmm"] + counts["ours"]["mm"] == 3
     assert not {"mul", "add", "_to_copy"} & set(counts["ours"])
     assert counts["peft"]["mul"] == 1 and counts["peft"]["add"] == 1  # the control: what the fused sum saves
+
+
+def test_backward_adds_the_input_gradients_inside_a_product():
+    """A training call of a plain Linear base is one autograd Function: x's gradient through the frozen
+    product and through the down-projection are summed by an in-place addmm, not by an add (peft's control)."""
+    reference, ours = pair()
+    counts = {}
+    for name, layer in (("peft", reference), ("ours", ours)):
+        x = torch.randn(2, 5, IN, requires_grad=True)
+        y = layer(x)
+        with OpCounter() as counter:
+            y.backward(torch.ones_like(y))
+        counts[name] = counter.counts
+    assert counts["ours"]["addmm_"] == 1 and "add" not in counts["ours"]
+    assert counts["ours"]["mm"] == 4  # up's and down's gradients, the hidden gradient, the frozen product's
+    assert counts["peft"]["add"] >= 1
+
+
+@pytest.mark.parametrize("trainable", ["x", "lora", "x+lora", "down", "up"])
+def test_gradients_match_peft_whichever_inputs_train(trainable):
+    reference, ours = pair()
+    for layer in (reference, ours):
+        layer.lora_A["default"].weight.requires_grad_("lora" in trainable or "down" in trainable)
+        layer.lora_B["default"].weight.requires_grad_("lora" in trainable or "up" in trainable)
+    x = torch.randn(3, 4, IN, generator=torch.Generator().manual_seed(5))
+    x_grad = "x" in trainable
+    expected, got = outputs_and_grads(reference, x, x_grad=x_grad), outputs_and_grads(ours, x, x_grad=x_grad)
+    assert expected.keys() == got.keys() == {"y", *({"x"} if x_grad else ()), *(
+        {"down", "up"} if "lora" in trainable else {trainable} - {"x"})}
+    assert_close_to_float32_rounding(got, expected)
+
+
+def assert_close_to_float32_rounding(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    for name in expected:
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_a_hooked_base_runs_through_its_own_forward():
+    """A base with hooks (offload streams weights in a pre-hook) is called as a module, so its hooks run."""
+    reference, ours = pair()
+    calls = []
+    ours.base_layer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
+    x = torch.randn(2, 5, IN, requires_grad=True)
+    expected, got = outputs_and_grads(reference, x), outputs_and_grads(ours, x)
+    assert calls
+    assert_close_to_float32_rounding(got, expected)
 
 
 def test_inject_lora_uses_these_layers_with_peft_s_names():
