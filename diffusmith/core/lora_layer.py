@@ -75,7 +75,8 @@ def _fusable(base: nn.Module) -> bool:
     (an fp8 Linear or a hooked module runs through its own forward)."""
     return (type(base) is nn.Linear and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)
-            and not (base._forward_pre_hooks or base._forward_hooks))
+            and not (base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks
+                     or base._backward_hooks))
 
 
 class LoraLinear(nn.Module):
