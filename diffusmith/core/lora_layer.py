@@ -110,24 +110,23 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.down, self.up
-        if x.dtype != down.dtype and not _autocast_enabled(x.device.type):
+        autocast = _autocast_enabled(x.device.type)
+        if x.dtype != down.dtype and not autocast:
             out = self.base_layer(x)  # (..., out)
             low_rank = F.linear(F.linear(x.to(down.dtype), down), up) * self.scale
             return out + low_rank.to(out.dtype)
         if (torch.is_grad_enabled() and (x.requires_grad or down.requires_grad or up.requires_grad)
                 and _fusable(self.base_layer)):
-            return self._fused(x, down, up)
+            return self._fused(x, down, up, torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
         out = self.base_layer(x)  # (..., out)
         hidden = F.linear(x, down)  # (..., r)
         summed = torch.addmm(out.reshape(-1, self.out_features), hidden.reshape(-1, self.rank), up.t(),
                              alpha=self.scale)  # (tokens, out)
         return summed.view(out.shape)
 
-    def _fused(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """The training call of a plain Linear base: one autograd Function, in the autocast dtype (the casts
-        autocast would make, made here) or in ``x``'s."""
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if _autocast_enabled(device_type) else x.dtype
+    def _fused(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The training call of a plain Linear base: one autograd Function computing in ``dtype`` (the autocast
+        dtype, whose casts are made here, or ``x``'s)."""
         base = self.base_layer
         bias = None if base.bias is None else base.bias.to(dtype)
         out = _FrozenLinearWithLora.apply(x.reshape(-1, self.in_features).to(dtype), base.weight.to(dtype), bias,
