@@ -220,3 +220,49 @@ def test_full_fine_tune_freezes_the_never_used_text_branch(tiny_qwen, data, tmp_
     last = "transformer_blocks.1"
     assert torch.equal(trained[f"{last}.txt_mlp.net.2.weight"], original[f"{last}.txt_mlp.net.2.weight"])
     assert not torch.equal(trained[f"{last}.img_mlp.net.2.weight"], original[f"{last}.img_mlp.net.2.weight"])
+
+
+def test_the_training_loop_waits_for_the_device_once_per_micro_batch(tiny_qwen, data, tmp_path, monkeypatch):
+    """Each read of a tensor's value on the host (``.item()``, ``float()``, ``bool()``) waits for the device
+    to finish what was queued. Around the loss's forward (whose prompt step reads its mask) and the data
+    loader, the loop reads the loss once per micro-batch (the finiteness check uses that value): no other
+    read in backward, clipping or the optimizer step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from diffusmith.training.module import TrainingModule
+
+    class ScalarReads(TorchDispatchMode):
+        count, paused = 0, False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default and not ScalarReads.paused:
+                ScalarReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def paused(fn):
+        def call(*args, **kwargs):
+            ScalarReads.paused = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                ScalarReads.paused = False
+        return call
+
+    original_stream = runner.batch_stream
+
+    def stream(*args):
+        batches = original_stream(*args)
+        return iter(paused(lambda: next(batches)), None)
+
+    monkeypatch.setattr(TrainingModule, "forward", paused(TrainingModule.forward))
+    monkeypatch.setattr(runner, "batch_stream", stream)
+    per_step, original_log = [], MetricsLog.log
+
+    def log(self, step, *args, **kw):
+        per_step.append(ScalarReads.count)
+        original_log(self, step, *args, **kw)
+
+    monkeypatch.setattr(MetricsLog, "log", log)
+    with ScalarReads():
+        train(config(tiny_qwen[0], data, tmp_path / "run", max_steps=4, gradient_accumulation=2, max_grad_norm=1.0))
+    assert [b - a for a, b in zip(per_step, per_step[1:], strict=False)] == [2, 2, 2]

@@ -7,6 +7,7 @@ optimizer, LR schedule, step, RNG states, data position); ``resume="latest"`` pi
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -383,13 +384,16 @@ def train(config: TrainConfig) -> Path:
                 epoch, batches_done, batch = next(stream)
                 with strategy.no_sync(last_micro_batch=micro == config.gradient_accumulation - 1):
                     loss = strategy.forward(batch)
-                    if not torch.isfinite(loss).all():
+                    # the step's one wait for the device: checked before backward, which under DeepSpeed
+                    # also steps the optimizer
+                    value = loss.detach().float().item()
+                    if not math.isfinite(value):
                         good = latest_checkpoint(out)
                         raise DiffusmithError(
-                            f"the loss became {loss.item()} at step {step + 1}: training stopped; the last good "
+                            f"the loss became {value} at step {step + 1}: training stopped; the last good "
                             f"checkpoint is {good or 'none'}; lower --learning-rate or check the data")
                     strategy.backward(loss, config.gradient_accumulation)
-                loss_value += loss.detach().float().item() / config.gradient_accumulation
+                loss_value += value / config.gradient_accumulation
             strategy.step(config.max_grad_norm)
             lr_scheduler.step()
             step += 1
