@@ -990,7 +990,9 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=2))
         if not args.no_results:
-            tag = f"run.py:{args.device}" + ("" if args.size == "mid" else f"-{args.size}")
+            # CPU sections are kept apart by vendor: the machines' bf16 figures do not compare
+            machine = args.device if args.device == "cuda" else f"cpu-{common.cpu_vendor()}"
+            tag = f"run.py:{machine}" + ("" if args.size == "mid" else f"-{args.size}")
             common.replace_section(args.results, tag, report)
     logger.info("\n%s", report)
     return 0
