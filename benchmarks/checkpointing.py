@@ -8,7 +8,7 @@ weights, gradients and optimizer state), with the ratios to no checkpointing.
 
     python benchmarks/checkpointing.py [--device cpu|cuda] [--dtype bf16|fp32] [--runs 7] [--warmup 1]
                                        [--results benchmarks/RESULTS.md] [--no-results] [--small]
-                                       [--layers N] [--compile]
+                                       [--layers N] [--compile] [--interval N]
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def markdown(results: dict[str, dict], base: str, ctx: run.Context, args, info: 
     device = "GPU" if args.device == "cuda" else "CPU"
     lines = [
         f"### Gradient checkpointing modes, diffusmith LoRA step ({device}, {args.dtype}"
-        f"{', --compile' if args.compile else ''})",
+        f"{', --compile' if args.compile else ''}"
+        f"{f', checkpointing every {args.interval} blocks' if args.interval != 1 else ''})",
         "",
         f"{info['date']}; torch {info['torch']}; {info.get('gpu', info['cpu'])}; load average {info['load']} at "
         f"the start, {load_end} at the end. Command: `python benchmarks/checkpointing.py "
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="blocks of the model (default: run.py's 4)")
     parser.add_argument("--compile", action="store_true",
                         help="the same three modes with diffusmith's --compile (bf16 only)")
+    parser.add_argument("--interval", type=int, default=1,
+                        help="--gradient-checkpointing-interval of the checkpointed modes (default 1: every block)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("diffusmith").setLevel(logging.WARNING)
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     info = common.machine_info(device)
     torch.manual_seed(0)
     state_dict = {k: v.detach().clone() for k, v in run.diffusmith_dit(size).state_dict().items()}
-    ctx = run.Context(size, device, state_dict, run.make_inputs(size))
+    ctx = run.Context(size, device, state_dict, run.make_inputs(size), gc_interval=args.interval)
     if args.compile and args.dtype != "bf16":
         parser.error("--compile is measured in bf16 only")
     suffix = "-compile" if args.compile else ""
@@ -132,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(results, base, ctx, args, info, common.load_average())
     if not args.no_results:
         machine = "cuda" if args.device == "cuda" else f"cpu-{common.cpu_vendor()}"
-        common.replace_section(args.results, f"checkpointing.py:{machine}:{args.dtype}{suffix}:{size.layers}", report)
+        every = "" if args.interval == 1 else f":every-{args.interval}"
+        common.replace_section(args.results, f"checkpointing.py:{machine}:{args.dtype}{suffix}:{size.layers}{every}",
+                               report)
     logger.info("\n%s", report)
     return 0
 

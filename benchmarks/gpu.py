@@ -125,7 +125,8 @@ def make_step(args, dit, device: torch.device) -> tuple[Callable[[], None], torc
 
     module = TrainingModule(pipe, TrainableSpec(rank=args.rank),
                             LossSpec(sampling=TimestepSampling(), use_gradient_checkpointing=not args.no_gc,
-                                     gradient_checkpointing_mode=args.gc_mode))
+                                     gradient_checkpointing_mode=args.gc_mode,
+                                     gradient_checkpointing_interval=args.gc_interval))
     params = list(module.trainable_parameters().values())
     lora_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
     if args.lora_dtype == "fp32" and not meta:
@@ -178,6 +179,7 @@ def run(args) -> dict:
     result: dict = {
         "mode": "infer" if args.infer else "train",
         "gc_mode": "none" if args.no_gc else args.gc_mode,
+        "gc_interval": args.gc_interval,
         "device": name,
         "torch": torch.__version__,
         "layers": cfg.num_layers,
@@ -311,6 +313,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-gc", action="store_true", help="train without gradient checkpointing")
     parser.add_argument("--gc-mode", choices=["full", "selective"], default="full",
                         help="gradient checkpointing mode (--gradient-checkpointing-mode of the trainer)")
+    parser.add_argument("--gc-interval", type=int, default=1,
+                        help="checkpoint every N-th block (--gradient-checkpointing-interval of the trainer)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if unknown")
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (--compile)")
     parser.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
@@ -353,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         tag = (f"gpu.py:{result['mode']}" + (f"-swap{args.block_swap}" if args.block_swap is not None else "")
                + ("-nogc" if args.no_gc and not args.infer else "")
                + ("-selective" if args.gc_mode == "selective" and not (args.infer or args.no_gc) else "")
+               + (f"-every{args.gc_interval}" if args.gc_interval != 1 and not (args.infer or args.no_gc) else "")
                + ("-fp8" if args.fp8 else "")
                + ("-compile" if args.compile or args.compile_mode else "")
                + (f"-{args.compile_mode}" if args.compile_mode else "")
@@ -385,7 +390,9 @@ def markdown(r: dict) -> str:
         f"{r['device']}, torch {r['torch']}; {r['layers']} blocks ({r['params_b']:.2f}B parameters, {storage}, "
         f"{r['weights_gb']:.1f} GiB), {r['pixels']}x{r['pixels']} ({r['image_tokens']} image tokens), text "
         f"{r['text_tokens']} tokens, batch 1" + (f", LoRA {r['lora_params_m']:.1f}M ({r['lora_dtype']}), "
-                                                 f"gradient checkpointing {r.get('gc_mode', 'full')}, AdamW"
+                                                 f"gradient checkpointing {r.get('gc_mode', 'full')}"
+                                                 + (f" every {r['gc_interval']} blocks" if r.get("gc_interval", 1) != 1
+                                                    else "") + ", AdamW"
                                                  if r["mode"] == "train" else "")
         + f"{kernel}. `{r['command']}`", "",
         "| s/step (median) | steps | peak GPU GiB | model TFLOP/s | MFU | HFU | TFLOP per step: model / hardware |",

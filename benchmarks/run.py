@@ -207,6 +207,7 @@ class Context:
     # False: each implementation gets what its own prompt step returns for one prompt (see ``prompt_inputs``);
     # True: the old case, diffusmith and diffusers attend over padded text with a mask.
     padded_text: bool = False
+    gc_interval: int = 1  # diffusmith's --gradient-checkpointing-interval in its checkpointed modes
 
     def autocast(self, dtype: torch.dtype):
         if dtype == torch.float32:
@@ -327,7 +328,8 @@ def build_diffusmith(ctx: Context, mode: str) -> Runner:
     if training:
         module = TrainingModule(pipe, TrainableSpec(rank=size.rank, targets=LORA_TARGETS),
                                 LossSpec(sampling=TimestepSampling(), use_gradient_checkpointing=use_gc,
-                                         gradient_checkpointing_mode=gc_mode or "full"))
+                                         gradient_checkpointing_mode=gc_mode or "full",
+                                         gradient_checkpointing_interval=ctx.gc_interval))
         skipped = [n.rsplit(".", 1)[-1] for n in getattr(pipe.dit, "modules_without_gradient", list)()]
         notes = [f"LoRA skips the last block's {'/'.join(skipped)} (no gradient reaches them)"] if skipped else []
         if any(p.dtype != torch.float32 for p in module.trainable_parameters().values()):

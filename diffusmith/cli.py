@@ -211,6 +211,8 @@ def add_train_parser(sub, name: str = "train") -> None:
     run.add_argument("--gradient-checkpointing-mode", default="full", choices=["full", "selective"],
                      help="full: recompute whole blocks in backward (least memory); selective: keep the attention "
                           "and matrix-product outputs, recompute only the cheap ops (faster, more memory)")
+    run.add_argument("--gradient-checkpointing-interval", type=_positive_int, default=1, metavar="N",
+                     help="checkpoint only every N-th block (2: half of them): faster, more memory")
     if name == "train":
         run.add_argument("--block-swap", type=_non_negative_int, default=None, metavar="N",
                          help="keep the frozen weights of only the last N transformer blocks on the GPU; the "

@@ -11,6 +11,7 @@ from common import PeakMemory
 from test_memory import lora_dit as memory_lora_dit
 
 from diffusmith.core.checkpointing import (
+    check_checkpointing_interval,
     checkpoints_block,
     gradient_checkpoint_forward,
     is_widening_product,
@@ -131,7 +132,7 @@ def test_the_last_block_is_not_checkpointed_and_that_costs_no_memory(mode, monke
     runs.clear()
     peak = peak_during(step)
     assert len(runs) == 5  # 3 blocks forward; blocks 0 and 1 again in backward, block 2 not
-    monkeypatch.setattr(dit, "checkpoints_block", lambda index, num_blocks: True)  # every block
+    monkeypatch.setattr(dit, "checkpoints_block", lambda index, num_blocks, interval=1: True)  # every block
     runs.clear()
     peak_every_block = peak_during(step)
     assert len(runs) == 6
@@ -139,6 +140,40 @@ def test_the_last_block_is_not_checkpointed_and_that_costs_no_memory(mode, monke
     # keeping its activations instead adds only the head's backward transients (norm_out, proj_out) to the
     # peak: 3-6 % here (measured), where one block's activations are about 60 % of the peak
     assert peak <= peak_every_block * 1.15, (peak, peak_every_block)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_an_interval_checkpoints_every_nth_block_with_the_same_gradients(mode):
+    assert [checkpoints_block(i, 7, 2) for i in range(7)] == [True, False, True, False, True, False, False]
+    assert [checkpoints_block(i, 7, 3) for i in range(7)] == [True, False, False, True, False, False, False]
+    assert [checkpoints_block(i, 3, 5) for i in range(3)] == [True, False, False]
+    model = lora_dit(num_layers=6)
+    reruns = []
+    for index, block in enumerate(model.transformer_blocks):
+        block.register_forward_pre_hook(lambda m, _, i=index: reruns.append(i))
+    grads, kept = {}, {}
+    for interval in (None, 1, 2):
+        flags = {} if interval is None else {**MODES[mode], "gradient_checkpointing_interval": interval}
+        out, kept[interval] = allocated_during(lambda f=flags: model_fn_qwen_image(model, **inputs(h=16), **f))
+        reruns.clear()
+        out.pow(2).mean().backward()
+        grads[interval] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        assert reruns == {None: [], 1: [4, 3, 2, 1, 0], 2: [4, 2, 0]}[interval]  # recomputed in backward
+    for name, grad in grads[2].items():
+        torch.testing.assert_close(grad, grads[None][name], rtol=1e-5, atol=1e-7, msg=name)
+    # half of the five blocks that can be checkpointed keep their activations
+    assert kept[1] < kept[2] < kept[None], kept
+
+
+def test_an_interval_must_be_a_positive_integer():
+    assert check_checkpointing_interval(3) == 3
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="gradient_checkpointing_interval must be a positive integer"):
+            check_checkpointing_interval(bad)
+    with pytest.raises(ValueError, match="gradient_checkpointing_interval"):
+        model_fn_qwen_image(lora_dit(num_layers=2), **inputs(), use_gradient_checkpointing=True,
+                            gradient_checkpointing_interval=0)
 
 
 def test_unknown_mode_is_refused_and_no_grad_is_a_plain_call():

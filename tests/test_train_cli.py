@@ -43,6 +43,8 @@ def test_train_then_generate_with_the_lora(tiny_qwen, tmp_path, capsys):
     (["--max-steps", "2", "--caption-dropout", "1.5"], "[0, 1)"),
     (["--max-steps", "2", "--lerning-rate", "1"], "did you mean --learning-rate"),
     (["--max-steps", "2", "--gradient-checkpointing-mode", "selective"], "needs --gradient-checkpointing"),
+    (["--max-steps", "2", "--gradient-checkpointing-interval", "2"], "needs --gradient-checkpointing"),
+    (["--max-steps", "2", "--gradient-checkpointing", "--gradient-checkpointing-interval", "0"], "positive integer"),
 ])
 def test_train_mistakes_are_one_line(tiny_qwen, tmp_path, capsys, extra, match):
     data = make_dataset(tmp_path / "data")
@@ -78,8 +80,9 @@ def test_the_example_script_trains(tiny_qwen, tmp_path):
     assert (tmp_path / "ex" / "lora.safetensors").exists()
 
 
-@pytest.mark.parametrize("offload,mode", [(False, "full"), (True, "full"), (False, "selective")])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_qwen, tmp_path, offload, mode):
+@pytest.mark.parametrize("offload,mode,interval", [(False, "full", 1), (True, "full", 1), (False, "selective", 1),
+                                                   (False, "full", 2)])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_qwen, tmp_path, offload, mode, interval):
     data = make_dataset(tmp_path / "data")
     from diffusmith.training.data import collate_samples, load_dataset
 
@@ -91,7 +94,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_qwen, tmp
         module = TrainingModule(pipe, TrainableSpec(rank=4),
                                 LossSpec(use_gradient_checkpointing=checkpointing,
                                          use_gradient_checkpointing_offload=offload and checkpointing,
-                                         gradient_checkpointing_mode=mode))
+                                         gradient_checkpointing_mode=mode,
+                                         gradient_checkpointing_interval=interval))
         for p in module.trainable_parameters().values():  # LoRA B starts at 0: make the gradients non-trivial
             torch.nn.init.normal_(p, std=0.1)
         torch.manual_seed(1)

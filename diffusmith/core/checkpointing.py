@@ -5,7 +5,9 @@ during backward, which trades compute for memory. The offload variant also moves
 keeps (the block's tensor inputs) to CPU memory until backward needs them.
 
 In both modes the last block is not checkpointed: its recomputation would come first in backward, at the
-memory peak, and save nothing (see :func:`checkpoints_block`). Two modes say how much of a block is
+memory peak, and save nothing (see :func:`checkpoints_block`). An interval ``N`` > 1 checkpoints only every
+``N``-th block (SimpleTuner's ``--gradient_checkpointing_interval``): the others keep their activations, a
+middle ground in memory and time for a GPU that has some room. Two modes say how much of a block is
 recomputed:
 
 - ``"full"``: the whole block (the default). A LoRA step's frozen weights need no weight gradient, so its
@@ -69,13 +71,19 @@ def save_expensive_ops_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> C
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def checkpoints_block(index: int, num_blocks: int) -> bool:
+def check_checkpointing_interval(interval: int) -> int:
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"gradient_checkpointing_interval must be a positive integer, got {interval!r}")
+    return interval
+
+
+def checkpoints_block(index: int, num_blocks: int, interval: int = 1) -> bool:
     """Whether a model checkpoints its repeated block ``index`` (of ``num_blocks``) when checkpointing is on:
-    all but the last, in both modes. The last block's recomputation would be the first thing backward does,
-    at the memory peak, where it needs as much memory as keeping the block's activations does: checkpointing
-    it would cost its recomputation time and save no memory (tested: the same peak, up to the head's
-    backward transients)."""
-    return index < num_blocks - 1
+    every ``interval``-th block (0, N, 2N, ...; all of them for 1) but the last, in both modes. The last
+    block's recomputation would be the first thing backward does, at the memory peak, where it needs as much
+    memory as keeping the block's activations does: checkpointing it would cost its recomputation time and
+    save no memory (tested: the same peak, up to the head's backward transients)."""
+    return index < num_blocks - 1 and index % interval == 0
 
 
 def check_checkpointing_mode(mode: str) -> str:

@@ -117,15 +117,18 @@ def model_fn_qwen_image(dit: QwenImageDiT, latents: torch.Tensor, timestep: torc
                         prompt_emb: torch.Tensor, prompt_emb_mask: torch.Tensor | None = None,
                         use_gradient_checkpointing: bool = False,
                         use_gradient_checkpointing_offload: bool = False,
-                        gradient_checkpointing_mode: str = "full", **_: object) -> torch.Tensor:
+                        gradient_checkpointing_mode: str = "full", gradient_checkpointing_interval: int = 1,
+                        **_: object) -> torch.Tensor:
     """Velocity for ``latents`` at ``timestep`` (sigma * 1000). The DiT's forward holds all the math.
 
-    ``gradient_checkpointing_mode``: ``"full"`` or ``"selective"`` recomputation of checkpointed blocks."""
+    ``gradient_checkpointing_mode``: ``"full"`` or ``"selective"`` recomputation of checkpointed blocks;
+    ``gradient_checkpointing_interval``: checkpoint every N-th block."""
     timestep = timestep.to(device=latents.device, dtype=latents.dtype).expand(latents.shape[0])
     return dit(latents, timestep, prompt_emb, prompt_emb_mask,
                use_gradient_checkpointing=use_gradient_checkpointing,
                use_gradient_checkpointing_offload=use_gradient_checkpointing_offload,
-               gradient_checkpointing_mode=gradient_checkpointing_mode)
+               gradient_checkpointing_mode=gradient_checkpointing_mode,
+               gradient_checkpointing_interval=gradient_checkpointing_interval)
 
 
 _TEXT_INPUTS = ("prompt_emb", "prompt_emb_mask")  # the per-side model inputs join_cfg_sides joins

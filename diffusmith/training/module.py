@@ -53,6 +53,7 @@ class LossSpec:
     use_gradient_checkpointing: bool = False
     use_gradient_checkpointing_offload: bool = False
     gradient_checkpointing_mode: str = "full"  # "full": recompute whole blocks; "selective": only cheap ops
+    gradient_checkpointing_interval: int = 1  # checkpoint every N-th block
 
 
 class TrainingModule(nn.Module):
@@ -147,7 +148,8 @@ class TrainingModule(nn.Module):
         velocity = pipe.model_fn(self.model, **inputs, timestep=timestep,
                                  use_gradient_checkpointing=spec.use_gradient_checkpointing,
                                  use_gradient_checkpointing_offload=spec.use_gradient_checkpointing_offload,
-                                 gradient_checkpointing_mode=spec.gradient_checkpointing_mode)
+                                 gradient_checkpointing_mode=spec.gradient_checkpointing_mode,
+                                 gradient_checkpointing_interval=spec.gradient_checkpointing_interval)
         target = pipe.scheduler.training_target(x0.float(), noise.float())
         per_sample = (velocity.float() - target).pow(2).mean(dim=tuple(range(1, target.ndim)))
         weight = weight.to(per_sample.device, non_blocking=True)

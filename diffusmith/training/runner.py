@@ -78,6 +78,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     gradient_checkpointing_offload: bool = False
     gradient_checkpointing_mode: str = "full"
+    gradient_checkpointing_interval: int = 1  # checkpoint every N-th block
     block_swap: int | None = None  # blocks whose frozen weights stay on the device; None = no block swap
     fp8_base: bool = False
     compile: bool = False
@@ -113,6 +114,11 @@ class TrainConfig:
         if self.gradient_checkpointing_mode != "full" and not (self.gradient_checkpointing
                                                               or self.gradient_checkpointing_offload):
             raise DiffusmithError("--gradient-checkpointing-mode needs --gradient-checkpointing")
+        interval = self.gradient_checkpointing_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise DiffusmithError(f"--gradient-checkpointing-interval must be a positive integer, got {interval!r}")
+        if interval != 1 and not (self.gradient_checkpointing or self.gradient_checkpointing_offload):
+            raise DiffusmithError("--gradient-checkpointing-interval needs --gradient-checkpointing")
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise DiffusmithError(f"unknown --optimizer {self.optimizer!r}: use adamw or adamw8bit")
         if self.validate_every and not self.validation_prompts:
@@ -321,7 +327,8 @@ def train(config: TrainConfig) -> Path:
                       targets=config.lora_targets),
         LossSpec(sampling=sampling, use_gradient_checkpointing=config.gradient_checkpointing,
                  use_gradient_checkpointing_offload=config.gradient_checkpointing_offload,
-                 gradient_checkpointing_mode=config.gradient_checkpointing_mode),
+                 gradient_checkpointing_mode=config.gradient_checkpointing_mode,
+                 gradient_checkpointing_interval=config.gradient_checkpointing_interval),
         cache=cache,
     )
     apply_memory_modes(config, module, accelerator.device)

@@ -18,7 +18,12 @@ import torch
 from torch import nn
 
 from diffusmith.core.attention import attention
-from diffusmith.core.checkpointing import check_checkpointing_mode, checkpoints_block, gradient_checkpoint_forward
+from diffusmith.core.checkpointing import (
+    check_checkpointing_interval,
+    check_checkpointing_mode,
+    checkpoints_block,
+    gradient_checkpoint_forward,
+)
 from diffusmith.errors import DiffusmithError
 from diffusmith.models.layers import (
     AdaLayerNormOut,
@@ -367,6 +372,7 @@ class QwenImageDiT(nn.Module):
         use_gradient_checkpointing: bool = False,
         use_gradient_checkpointing_offload: bool = False,
         gradient_checkpointing_mode: str = "full",
+        gradient_checkpointing_interval: int = 1,
     ) -> torch.Tensor:
         """Predict the velocity.
 
@@ -380,6 +386,7 @@ class QwenImageDiT(nn.Module):
             use_gradient_checkpointing_offload: also keep the checkpointed block inputs in CPU memory.
             gradient_checkpointing_mode: ``"full"`` recomputes each checkpointed block whole; ``"selective"``
                 keeps its matmul and attention outputs and recomputes only the elementwise work.
+            gradient_checkpointing_interval: checkpoint every N-th block (1: all but the last).
 
         Returns:
             ``(B, out_channels, h, w)`` velocity in the model's dtype.
@@ -404,8 +411,9 @@ class QwenImageDiT(nn.Module):
 
         num_blocks = len(self.transformer_blocks)
         check_checkpointing_mode(gradient_checkpointing_mode)
+        check_checkpointing_interval(gradient_checkpointing_interval)
         for index, block in enumerate(self.transformer_blocks):
-            checkpointed = checkpoints_block(index, num_blocks)
+            checkpointed = checkpoints_block(index, num_blocks, gradient_checkpointing_interval)
             text, image = gradient_checkpoint_forward(
                 block,
                 use_gradient_checkpointing and checkpointed,
