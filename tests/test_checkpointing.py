@@ -174,6 +174,13 @@ def test_an_interval_must_be_a_positive_integer():
     with pytest.raises(ValueError, match="gradient_checkpointing_interval"):
         model_fn_qwen_image(lora_dit(num_layers=2), **inputs(), use_gradient_checkpointing=True,
                             gradient_checkpointing_interval=0)
+    from diffusmith import DiffusmithError
+    from diffusmith.training.runner import TrainConfig
+
+    config = TrainConfig(model="m", dataset="d", output="o", max_steps=1, gradient_checkpointing=True,
+                         gradient_checkpointing_interval=0)
+    with pytest.raises(DiffusmithError, match="^--gradient-checkpointing-interval must be a positive integer, got 0$"):
+        config.check()
 
 
 def test_unknown_mode_is_refused_and_no_grad_is_a_plain_call():

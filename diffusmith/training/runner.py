@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.attention import check_attention_backend, set_attention_backend
-from ..core.checkpointing import CHECKPOINTING_MODES
+from ..core.checkpointing import CHECKPOINTING_MODES, check_checkpointing_interval
 from ..core.devices import resolve_device
 from ..core.memory import CUDA_GRAPH_MODES, check_block_count, check_compile_mode, uses_cuda_graphs
 from ..errors import DiffusmithError
@@ -114,9 +114,10 @@ class TrainConfig:
         if self.gradient_checkpointing_mode != "full" and not (self.gradient_checkpointing
                                                               or self.gradient_checkpointing_offload):
             raise DiffusmithError("--gradient-checkpointing-mode needs --gradient-checkpointing")
-        interval = self.gradient_checkpointing_interval
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise DiffusmithError(f"--gradient-checkpointing-interval must be a positive integer, got {interval!r}")
+        try:
+            interval = check_checkpointing_interval(self.gradient_checkpointing_interval)
+        except ValueError as e:
+            raise DiffusmithError(f"--{str(e).replace('_', '-')}") from None
         if interval != 1 and not (self.gradient_checkpointing or self.gradient_checkpointing_offload):
             raise DiffusmithError("--gradient-checkpointing-interval needs --gradient-checkpointing")
         if self.optimizer not in ("adamw", "adamw8bit"):
