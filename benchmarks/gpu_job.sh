@@ -5,8 +5,9 @@
 # own time limit; one device call may take 10 minutes, so the job comes in parts, each under that:
 #   PART=1  the GPU checks (pytest -m gpu; CUDA graphs' on their own) and the mid-size side by side, eager,
 #           compiled and as CUDA graphs (10 minutes at most)
-#   PART=2  real size (60 blocks, 20.4B) eager: whole-block and selective checkpointing, block swap, inference
-#           (also with a short negative prompt, separate and batched CFG; about 7 minutes)
+#   PART=2  real size (60 blocks, 20.4B) eager: whole-block and selective checkpointing, every 2nd block
+#           checkpointed, block swap, inference (also with a short negative prompt, separate and batched CFG;
+#           about 8 minutes)
 #   PART=3  the mid-size checkpointing modes alternated (eager, compiled), then real size compiled
 #           (--compile): the same training and inference steps, also without checkpointing and with cuDNN's
 #           attention (about 9 minutes)
@@ -77,6 +78,9 @@ if part 2; then
 # real size (60 blocks, 20.4B, bf16), 1024x1024, LoRA rank 32, gradient checkpointing, AdamW
 timeout 80 python3 benchmarks/gpu.py --json "$OUT/gpu_real.json" --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 timeout 80 python3 benchmarks/gpu.py --gc-mode selective --json "$OUT/gpu_real_sgc.json" \
+  --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
+# every 2nd block checkpointed (--gradient-checkpointing-interval 2): about 30 GB more activations than whole blocks
+timeout 80 python3 benchmarks/gpu.py --gc-interval 2 --json "$OUT/gpu_real_every2.json" \
   --results "$OUT/RESULTS_gpu.md" 2>&1 | tee -a "$LOG"
 
 # the same with block swap: 22 blocks on the GPU = 22 x 0.68 GB = 15 GB of block weights (~16 GB budget);
