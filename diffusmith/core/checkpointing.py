@@ -32,6 +32,8 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from ..errors import DiffusmithError
+
 CHECKPOINTING_MODES = ("full", "selective")
 
 _aten = torch.ops.aten
@@ -71,9 +73,10 @@ def save_expensive_ops_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> C
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def check_checkpointing_interval(interval: int) -> int:
+def check_checkpointing_interval(interval: object, name: str = "gradient_checkpointing_interval") -> int:
+    """``interval`` if it is a positive int, else a one-line error naming it ``name`` (the CLI passes its flag)."""
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"gradient_checkpointing_interval must be a positive integer, got {interval!r}")
+        raise DiffusmithError(f"{name} must be a positive integer, got {interval!r}")
     return interval
 
 

@@ -114,10 +114,8 @@ class TrainConfig:
         if self.gradient_checkpointing_mode != "full" and not (self.gradient_checkpointing
                                                               or self.gradient_checkpointing_offload):
             raise DiffusmithError("--gradient-checkpointing-mode needs --gradient-checkpointing")
-        try:
-            interval = check_checkpointing_interval(self.gradient_checkpointing_interval)
-        except ValueError as e:
-            raise DiffusmithError(f"--{str(e).replace('_', '-')}") from None
+        interval = check_checkpointing_interval(self.gradient_checkpointing_interval,
+                                                "--gradient-checkpointing-interval")
         if interval != 1 and not (self.gradient_checkpointing or self.gradient_checkpointing_offload):
             raise DiffusmithError("--gradient-checkpointing-interval needs --gradient-checkpointing")
         if self.optimizer not in ("adamw", "adamw8bit"):
