@@ -110,17 +110,36 @@ def test_outside_autocast_a_half_base_runs_the_lora_in_float32():
     torch.testing.assert_close(y, (ours.base_layer(x) + low_rank.bfloat16()), rtol=0, atol=0)
 
 
-def test_a_call_runs_three_products_and_no_pass_over_the_output():
+@pytest.mark.parametrize("call", ["training", "inference"])
+def test_a_call_runs_three_products_and_no_pass_over_the_output(call):
+    """The LoRA's up-projection is summed into the base output in place (``addmm_``): no scale, no add, and no
+    copy of the base output into a new tensor, which an out-of-place ``addmm`` makes first."""
     reference, ours = pair()
     x = torch.randn(2, 5, IN)
     counts = {}
     for name, layer in (("peft", reference), ("ours", ours)):
-        with OpCounter() as counter:
-            layer(x)
+        with OpCounter() as counter, torch.set_grad_enabled(call == "training"):
+            y = layer(x)
         counts[name] = counter.counts
-    assert counts["ours"]["addmm"] + counts["ours"]["mm"] == 3
+        if name == "ours":
+            torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-6)
+    assert counts["ours"]["addmm"] + counts["ours"]["mm"] + counts["ours"]["addmm_"] == 3
+    assert counts["ours"]["addmm_"] == 1  # the sum, in place
     assert not {"mul", "add", "_to_copy"} & set(counts["ours"])
     assert counts["peft"]["mul"] == 1 and counts["peft"]["add"] == 1  # the control: what the fused sum saves
+
+
+def test_a_base_output_a_hook_may_hold_is_not_summed_into():
+    """A forward hook of the base sees (and may keep) its output: the sum then goes to a new tensor."""
+    reference, ours = pair()
+    kept = []
+    ours.base_layer.register_forward_hook(lambda module, args, out: kept.append((out, out.clone())))
+    x = torch.randn(2, 5, IN)
+    with torch.no_grad():
+        y = ours(x)
+    out, value = kept[0]
+    torch.testing.assert_close(out, value, rtol=0, atol=0)  # what the hook holds is still the base's output
+    torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-6)
 
 
 def test_backward_adds_the_input_gradients_inside_a_product():

@@ -1,9 +1,10 @@
 """The layer a LoRA trains in: a frozen Linear plus a low-rank update, never merged.
 
 ``y = base(x) + scale * (x @ down.T) @ up.T`` with ``scale = alpha / rank``. The second product and the sum
-are one ``addmm`` with the base output as its accumulator and the scale as its ``alpha``, so a layer runs
-three matrix products and nothing else: no pass over the output for the scale, none for the sum (peft's
-layer makes both, and their backward, for every layer, and spends several module calls of Python on each).
+are one in-place ``addmm_`` into the base output, with the scale as its ``alpha``, so a layer runs three
+matrix products and nothing else: no pass over the output for the scale, none for the sum (peft's layer
+makes both, and their backward, for every layer, and spends several module calls of Python on each), and no
+copy of the base output into a new tensor (what an out-of-place ``addmm`` makes first).
 On a GPU, where a mid-size step is bound by kernel launches, that is about a tenth of the step's kernels.
 In training, a plain Linear base and its LoRA run as one autograd Function, whose backward sums the two
 gradients of ``x`` (through the frozen weight and through ``down``) inside one product instead of one more
@@ -22,7 +23,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 __all__ = ["LoraLinear"]
 
@@ -48,7 +51,9 @@ class _FrozenLinearWithLora(torch.autograd.Function):
         hidden = x @ down.t()  # (tokens, r)
         ctx.save_for_backward(x, weight, down, up, hidden)
         ctx.scale = scale
-        return torch.addmm(base, hidden, up.t(), alpha=scale)
+        if _outputs_may_be_kept():
+            return torch.addmm(base, hidden, up.t(), alpha=scale)
+        return base.addmm_(hidden, up.t(), alpha=scale)  # base is ours: nothing else holds it
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -68,6 +73,23 @@ class _FrozenLinearWithLora(torch.autograd.Function):
             if need_x:
                 grad_x = (grad @ weight).addmm_(grad_hidden, down)
         return grad_x, None, None, grad_down, grad_up, None
+
+
+# selective checkpointing's dispatch modes (forward, recomputation): they keep the outputs of products
+_SELECTIVE_CHECKPOINTING = tuple(getattr(torch.utils.checkpoint, name, None)
+                                 for name in ("_CachingTorchDispatchMode", "_CachedTorchDispatchMode"))
+
+
+def _outputs_may_be_kept() -> bool:
+    """Whether an op's output may be kept by someone other than its caller, so that it must not be changed in
+    place: selective checkpointing keeps (and refuses mutated) the outputs of products; under torch.compile the
+    compiler makes the choice."""
+    if torch.compiler.is_compiling():
+        return True
+    if not torch._C._len_torch_dispatch_stack():  # no dispatch mode at all: the common case, checked cheaply
+        return False
+    modes = _get_current_dispatch_mode_stack()
+    return None in _SELECTIVE_CHECKPOINTING or any(isinstance(m, _SELECTIVE_CHECKPOINTING) for m in modes)
 
 
 def _fusable(base: nn.Module) -> bool:
@@ -115,14 +137,21 @@ class LoraLinear(nn.Module):
             out = self.base_layer(x)  # (..., out)
             low_rank = F.linear(F.linear(x.to(down.dtype), down), up) * self.scale
             return out + low_rank.to(out.dtype)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         if (torch.is_grad_enabled() and (x.requires_grad or down.requires_grad or up.requires_grad)
                 and _fusable(self.base_layer)):
-            return self._fused(x, down, up, torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
+            return self._fused(x, down, up, dtype)
         out = self.base_layer(x)  # (..., out)
         hidden = F.linear(x, down)  # (..., r)
-        summed = torch.addmm(out.reshape(-1, self.out_features), hidden.reshape(-1, self.rank), up.t(),
-                             alpha=self.scale)  # (tokens, out)
-        return summed.view(out.shape)
+        flat, low_rank = out.reshape(-1, self.out_features), hidden.reshape(-1, self.rank)  # (tokens, out), (tokens, r)
+        if out.dtype == dtype and self._owns_output(out):  # autocast does not cast for in-place ops: done here
+            return flat.addmm_(low_rank.to(dtype), up.t().to(dtype), alpha=self.scale).view(out.shape)
+        return torch.addmm(flat, low_rank, up.t(), alpha=self.scale).view(out.shape)
+
+    def _owns_output(self, out: torch.Tensor) -> bool:
+        """Whether the base output may be summed into in place: nothing but this call can hold it (no autograd,
+        no checkpointing, no forward hook of the base that could have kept it)."""
+        return not torch.is_grad_enabled() and not self.base_layer._forward_hooks and not _outputs_may_be_kept()
 
     def _fused(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The training call of a plain Linear base: one autograd Function computing in ``dtype`` (the autocast
