@@ -1,4 +1,5 @@
-"""Command line: ``diffusmith generate | inspect``. User mistakes end in one line (traceback with --debug)."""
+"""Command line: ``diffusmith generate | train | cache | inspect``. User mistakes end in one line (traceback with
+--debug)."""
 
 from __future__ import annotations
 
