@@ -86,10 +86,9 @@ def _outputs_may_be_kept() -> bool:
     compiler makes the choice."""
     if torch.compiler.is_compiling():
         return True
-    if not torch._C._len_torch_dispatch_stack():  # no dispatch mode at all: the common case, checked cheaply
-        return False
-    modes = _get_current_dispatch_mode_stack()
-    return None in _SELECTIVE_CHECKPOINTING or any(isinstance(m, _SELECTIVE_CHECKPOINTING) for m in modes)
+    modes = _get_current_dispatch_mode_stack()  # usually none
+    return bool(modes) and (None in _SELECTIVE_CHECKPOINTING
+                            or any(isinstance(m, _SELECTIVE_CHECKPOINTING) for m in modes))
 
 
 def _fusable(base: nn.Module) -> bool:
