@@ -175,6 +175,17 @@ def test_output_folder_of_another_run_is_refused(tiny_qwen, data, tmp_path):
         train(config(tiny_qwen[0], data, out, max_steps=2, lora_rank=8, resume="latest"))
 
 
+def test_a_run_refused_while_setting_up_leaves_its_folder_free(tiny_qwen, data, tmp_path):
+    """A mistake found after the folder check (here LoRA targets the model lacks, found once it is loaded)
+    leaves no run behind: the corrected command starts in the same folder, without --resume."""
+    out = tmp_path / "run"
+    with pytest.raises(DiffusmithError, match="no_such_module"):
+        train(config(tiny_qwen[0], data, out, max_steps=1, lora_targets=["no_such_module"]))
+    assert not out.exists() or not any(out.iterdir())
+    train(config(tiny_qwen[0], data, out, max_steps=1))
+    assert (out / "lora.safetensors").exists() and len(losses(out)) == 1
+
+
 def test_bad_images_are_all_listed_before_training(tiny_qwen, data, tmp_path, monkeypatch):
     (data / "red.png").unlink()
     (data / "broken.png").write_bytes(b"garbage")

@@ -18,9 +18,10 @@ logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 
 
-def check_output_folder(out: Path, fingerprint: dict[str, Any], *, resume: str | None,
-                        is_main_process: bool = True) -> None:
-    """A new run needs an empty (or new) folder; a resumed run needs the folder of the same run."""
+def check_output_folder(out: Path, fingerprint: dict[str, Any], *, resume: str | None) -> None:
+    """A new run needs an empty (or new) folder; a resumed run needs the folder of the same run. Writes
+    nothing: :func:`claim_output_folder` marks the folder once the run has been set up, so that a run refused
+    while setting up (a stale cache, a missing model) leaves the folder as it was."""
     run_file = out / RUN_FILE
     if out.exists() and not out.is_dir():
         raise DiffusmithError(f"--output {out} is a file; pass a folder")
@@ -37,11 +38,18 @@ def check_output_folder(out: Path, fingerprint: dict[str, Any], *, resume: str |
     if out.is_dir() and any(out.iterdir()) and not resume:
         raise DiffusmithError(f"output folder {out} is not empty and holds no diffusmith run; "
                               "choose a new or empty --output")
-    if is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = run_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(fingerprint, indent=2))
-        os.replace(tmp, run_file)
+
+
+def claim_output_folder(out: Path, fingerprint: dict[str, Any]) -> None:
+    """Mark ``out`` as this run's folder (``run.json``: the options a resume must repeat), once checked by
+    :func:`check_output_folder`; a resumed run's folder keeps its mark."""
+    run_file = out / RUN_FILE
+    if run_file.exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = run_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(fingerprint, indent=2))
+    os.replace(tmp, run_file)
 
 
 def save_final_weights(out: Path, module, *, is_main_process: bool = True) -> Path:

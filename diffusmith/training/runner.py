@@ -31,7 +31,7 @@ from .distributed import DataParallel, make_strategy, sharding_from_environment
 from .logs import MetricsLog
 from .module import LossSpec, TrainableSpec, TrainingModule
 from .optim import make_lr_scheduler, make_optimizer
-from .outputs import check_output_folder, save_final_weights
+from .outputs import check_output_folder, claim_output_folder, save_final_weights
 from .validation import ValidationSpec, render_validation
 
 logger = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def train(config: TrainConfig) -> Path:
     out = Path(config.output)
     accelerator = build_accelerator(config)
     main = accelerator.is_main_process
-    if main:  # one process decides (others would see the run.json it has just written)
+    if main:  # one process decides; the folder is claimed once the run is set up (below)
         check_output_folder(out, config.fingerprint(), resume=config.resume)
     accelerator.wait_for_everyone()
 
@@ -365,6 +365,8 @@ def train(config: TrainConfig) -> Path:
                                 height=config.height or 512, width=config.width or 512,
                                 steps=config.validation_steps, cfg_scale=config.validation_cfg_scale,
                                 seed=config.seed)
+    if main:  # set up without a refusal: from here on the folder is this run's
+        claim_output_folder(out, config.fingerprint())
     metrics = MetricsLog(out / "logs", resume_step=step, enabled=main)
     stream = batch_stream(loader, epoch, batches_done)
 
