@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_train_parser(sub, "cache")
 
-    ins = sub.add_parser("inspect", help="tell which model a .safetensors file holds", allow_abbrev=False)
+    ins = sub.add_parser("inspect", help="tell which model (or LoRA) a .safetensors file holds", allow_abbrev=False)
     ins.add_argument("file")
     ins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -341,11 +341,16 @@ def _lora_scales(loras: list[str], scales: list[float]) -> list[float]:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .core.loading import read_safetensors_header
+    from .core.lora_info import describe_lora_header
     from .core.signatures import identify_file
     from .models.qwen_image import signatures  # noqa: F401  (registers the Qwen-Image signatures)
 
-    match = identify_file(args.file)
     header = read_safetensors_header(args.file)
+    lora = describe_lora_header(header)
+    if lora is not None:
+        print(f"{args.file}: {lora}")
+        return
+    match = identify_file(args.file)
     params = sum(_numel(shape) for shape, _ in header.values())
     prefix = f", key prefix {match.prefix!r}" if match.prefix else ""
     print(f"{args.file}: {match.describe or match.name} ({len(header)} tensors, {params / 1e9:.2f}B parameters"

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffusmith.cli import main
@@ -68,6 +69,45 @@ def test_inspect_tells_which_model_a_file_is(tiny_qwen, capsys):
     weights = next((folder / "vae").glob("*.safetensors"))
     assert main(["inspect", str(weights)]) == 0
     assert "vae" in capsys.readouterr().out.lower()
+
+
+def test_inspect_describes_a_lora_file(tmp_path, capsys):
+    """A LoRA is described from its header: key style, modules, rank, dtype (diffusers' keys as save_lora
+    writes them, and kohya's with alpha tensors and text-encoder tensors)."""
+    from safetensors.torch import save_file
+
+    from diffusmith.core.lora import LoraPair, save_lora
+
+    pairs = {f"transformer_blocks.{i}.attn.to_q": LoraPair(torch.zeros(4, 32), torch.zeros(32, 4), alpha=4.0)
+             for i in range(3)}
+    ours = save_lora(tmp_path / "ours.safetensors", pairs, rank=4, dtype=torch.bfloat16)
+    assert main(["inspect", str(ours)]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA (lora_A/lora_B keys under 'transformer.')" in out
+    assert "3 modules (e.g. transformer_blocks.0.attn.to_q" in out and "rank 4, bfloat16" in out
+
+    kohya = tmp_path / "kohya.safetensors"
+    save_file({"lora_unet_blocks_0_q.lora_down.weight": torch.zeros(8, 16),
+               "lora_unet_blocks_0_q.lora_up.weight": torch.zeros(16, 8),
+               "lora_unet_blocks_0_q.alpha": torch.tensor(8.0),
+               "lora_unet_blocks_1_q.lora_down.weight": torch.zeros(4, 16),
+               "lora_unet_blocks_1_q.lora_up.weight": torch.zeros(16, 4),
+               "lora_te1_layer_q.lora_down.weight": torch.zeros(4, 16)}, kohya)
+    assert main(["inspect", str(kohya)]) == 0
+    out = capsys.readouterr().out
+    assert "lora_down/lora_up keys under 'lora_unet_', with alpha tensors" in out
+    assert "2 modules" in out and "ranks 4 (1 module), 8 (1 module)" in out
+    assert "1 text-encoder tensor " in out
+
+
+def test_inspect_of_a_file_that_is_neither_model_nor_lora_is_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    odd = tmp_path / "odd.safetensors"
+    save_file({"blocks.0.q.lora_A.weight": torch.zeros(4, 8), "something_else": torch.zeros(3)}, odd)
+    assert main(["inspect", str(odd)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot tell which model" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("extra,match", [
