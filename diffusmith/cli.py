@@ -345,6 +345,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .core.signatures import identify_file
     from .models.qwen_image import signatures  # noqa: F401  (registers the Qwen-Image signatures)
 
+    if Path(args.file).is_dir():
+        from .training.cache import INDEX, FeatureCache
+
+        if (Path(args.file) / INDEX).exists():
+            print(f"{args.file}: {FeatureCache(args.file).describe()}")
+            return
     header = read_safetensors_header(args.file)
     lora = describe_lora_header(header)
     if lora is not None:

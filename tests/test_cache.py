@@ -88,3 +88,11 @@ def test_cache_command_line(tiny_qwen, data, tmp_path, capsys):
     assert (out / "index.json").exists()
     assert main(["train", "--model", str(tiny_qwen[0]), "--dataset", str(data), "--cache", str(out), "--output",
                  str(tmp_path / "run"), "--height", "64", "--width", "64", "--device", "cpu", "--max-steps", "1"]) == 0
+
+
+def test_inspect_describes_a_cache_folder(cache, data, capsys):
+    assert main(["inspect", str(cache)]) == 0
+    out = capsys.readouterr().out
+    samples = len(list(data.glob("*.png")))
+    assert f"diffusmith feature cache of {samples} samples" in out
+    assert "QwenImageUnit_PromptEmbedder" in out and "input_latents" in out and "float32" in out

@@ -249,6 +249,13 @@ class FeatureCache:
         self.plan = CachePlan.from_json(self.index["plan"])
         self._shards: dict[int, Any] = {}
 
+    def describe(self) -> str:
+        """One line for ``diffusmith inspect``: samples, what is stored, the options and dtype it was made with."""
+        options = ", ".join(f"{k}={v}" for k, v in self.index["options"].items())
+        return (f"diffusmith feature cache of {len(self.index['samples'])} samples: the outputs of "
+                f"{', '.join(self.plan.cached_units)} ({', '.join(sorted(self.plan.stored))}), made with "
+                f"{options}, {self.index['dtype']}")
+
     def check(self, dataset, model_root: Path, cached_folders: Sequence[str], options: dict, dtype) -> None:
         """Refuse a cache made for another model, resolution or dataset, with what differs."""
         fp = self.index["fingerprint"]
