@@ -32,8 +32,8 @@ def check_output_folder(out: Path, fingerprint: dict[str, Any], *, resume: str |
                                   "continue it, or choose another --output")
         changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
         if changed:
-            what = f"the option {changed[0]} differs" if len(changed) == 1 else \
-                f"the options {', '.join(changed)} differ"
+            what = (f"the option {changed[0]} differs" if len(changed) == 1
+                    else f"the options {', '.join(changed)} differ")
             raise DiffusmithError(f"cannot resume {out}: {what} from the run that made it; use the same options or "
                                   "another --output")
         return
