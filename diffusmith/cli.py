@@ -113,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(gen)
     _add_attention_backend(gen)
     gen.add_argument("--transformer", default=None, help="a loose .safetensors replacing the DiT")
-    gen.add_argument("--lora", action="append", default=[], metavar="PATH",
-                     help="merge this LoRA (diffusers, ComfyUI, kohya or peft keys) into the DiT; repeatable")
-    gen.add_argument("--lora-scale", action="append", type=_finite, default=[], metavar="S",
+    gen.add_argument("--lora", action="extend", nargs="+", default=[], metavar="PATH",
+                     help="merge this LoRA (diffusers, ComfyUI, kohya or peft keys) into the DiT; several: "
+                          "--lora A B or --lora A --lora B")
+    gen.add_argument("--lora-scale", action="extend", nargs="+", type=_finite, default=[], metavar="S",
                      help="strength of each --lora in order, or one value for all (default 1)")
     gen.add_argument("--allow-pickle", action="store_true",
                      help="allow .bin/.pt weights (pickles can run code: only for files you trust)")

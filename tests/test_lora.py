@@ -373,6 +373,18 @@ def test_cli_lora_equals_the_python_api(tiny_qwen, trained, tmp_path):
     assert np.abs(expected - without).max() > 1
 
 
+def test_cli_loras_and_scales_repeated_or_listed_are_the_same():
+    from diffusmith.cli import build_parser
+
+    base = ["generate", "--model", "m", "--prompt", "p", "-o", "o.png"]
+    repeated = build_parser().parse_args([*base, "--lora", "a.safetensors", "--lora", "b.safetensors",
+                                          "--lora-scale", "0.5", "--lora-scale", "2"])
+    listed = build_parser().parse_args([*base, "--lora", "a.safetensors", "b.safetensors", "--lora-scale", "0.5",
+                                        "2"])
+    assert repeated.lora == listed.lora == ["a.safetensors", "b.safetensors"]
+    assert repeated.lora_scale == listed.lora_scale == [0.5, 2.0]
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--lora-scale", "0.5"], "without --lora"),
     (["--lora", "a.safetensors", "--lora", "b.safetensors", "--lora-scale", "1", "--lora-scale", "2",
