@@ -318,6 +318,13 @@ def test_sizes_round_to_multiples_of_16_with_a_warning(pipe, caplog):
     (dict(input_image="does/not/exist.png"), "not found"),
     (dict(cfg_scale=-1.0), "cfg_scale"),
     (dict(batch_cfg="yes"), "batch_cfg must be True, False or None"),
+    (dict(height=0), "height=0 is out of range"),  # not taken for "no height given"
+    (dict(prompt=None), "prompt must be a string"),
+    (dict(prompt=["a", "b"]), "once per prompt"),
+    (dict(negative_prompt=None, cfg_scale=4.0), "negative_prompt must be a string"),
+    (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number"),
+    (dict(cfg_scale="4"), "cfg_scale must be a finite number"),
+    (dict(seed="abc"), "seed must be an integer"),
 ])
 def test_bad_call_arguments_raise_one_line_errors(pipe, kwargs, match):
     args = dict(prompt="x", height=64, width=64, num_inference_steps=1, progress_bar=False)
@@ -325,6 +332,13 @@ def test_bad_call_arguments_raise_one_line_errors(pipe, kwargs, match):
     with pytest.raises(DiffusmithError, match=match) as info:
         pipe(**args)
     assert "\n" not in str(info.value)
+
+
+def test_numpy_numbers_are_taken_for_seed_and_cfg_scale(pipe):
+    args = dict(prompt="x", height=64, width=64, num_inference_steps=1, progress_bar=False)
+    expected = np.asarray(pipe(**args, seed=3, cfg_scale=2.0))
+    got = np.asarray(pipe(**args, seed=np.int64(3), cfg_scale=np.float32(2.0)))
+    assert np.array_equal(got, expected)
 
 
 def test_unreadable_input_image(pipe, tmp_path):

@@ -14,6 +14,8 @@ Training runs the very same units with ``pipe.scheduler.training`` set and CFG o
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,20 @@ class PipelineUnit:
 
     def process(self, pipe: BasePipeline, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{self.name} must implement process()")
+
+
+def check_generation_inputs(*, prompt: object, negative_prompt: object, cfg_scale: object, seed: object) -> None:
+    """One-line errors for the arguments of a picture call that the units would otherwise fail on deep inside
+    (or, for a NaN guidance scale, not fail on at all: the picture would be garbage)."""
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not isinstance(text, str):
+            raise DiffusmithError(f"{name} must be a string, got {type(text).__name__}; for several pictures call "
+                                  "the pipeline once per prompt")
+    if (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale)
+            or cfg_scale < 0):
+        raise DiffusmithError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise DiffusmithError(f"seed must be an integer or None (a random seed), got {seed!r}")
 
 
 def _gather(unit: PipelineUnit, names: Iterable[str], source: dict, side: str) -> dict:

@@ -31,7 +31,7 @@ from ..models.qwen_image.text_encoder import (
 )
 from ..models.qwen_image.vae import QwenImageVAE, QwenImageVAEConfig
 from ..schedulers.flow_match import FlowMatchScheduler
-from .base import BasePipeline, PipelineUnit
+from .base import BasePipeline, PipelineUnit, check_generation_inputs
 from .images import load_image, resize_and_crop
 
 logger = logging.getLogger(__name__)
@@ -319,15 +319,16 @@ class QwenImagePipeline(BasePipeline):
         activation memory; False never."""
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 1000:
             raise DiffusmithError(f"num_inference_steps must be an integer in 1..1000, got {num_inference_steps}")
-        if cfg_scale < 0:
-            raise DiffusmithError(f"cfg_scale must be >= 0, got {cfg_scale}")
+        check_generation_inputs(prompt=prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale, seed=seed)
+        cfg_scale, seed = float(cfg_scale), None if seed is None else int(seed)  # numpy numbers too
         cfg = cfg_scale != 1.0
         batched = self.batches_cfg(batch_cfg) and cfg
         # the schedule depends on the final size, so settle it before the units that read timesteps
         if input_image is not None:
             input_image = load_image(input_image)
             height, width = height or input_image.height, width or input_image.width
-        height, width = self.check_resize_height_width(height or 1328, width or 1328)
+        height, width = self.check_resize_height_width(1328 if height is None else height,
+                                                       1328 if width is None else width)
         self.scheduler.set_timesteps(num_inference_steps, image_seq_len=(height // 16) * (width // 16),
                                      denoising_strength=denoising_strength, device=self.device)
         shared = {**self.default_inputs(), "height": height, "width": width, "input_image": input_image,
