@@ -211,6 +211,11 @@ def test_skip_bad_samples_trains_on_the_rest(tiny_qwen, data, tmp_path, caplog):
     (dict(mixed_precision="fp8"), "mixed-precision"),
     (dict(validate_every=2), "validation-prompt"),
     (dict(lora_targets=["no_such_module"]), "no_such_module"),
+    (dict(max_grad_norm=-1.0), "--max-grad-norm must be a number >= 0"),  # a negative norm flips gradients
+    (dict(max_grad_norm=float("nan")), "--max-grad-norm"),
+    (dict(keep_checkpoints=0), "--keep-checkpoints must be a positive integer"),  # was: silently keep all
+    (dict(validation_steps=0, validation_prompts=["a"], validate_every=1), "--validation-steps"),
+    (dict(validation_cfg_scale=float("inf")), "--validation-cfg-scale"),
 ])
 def test_bad_options(tiny_qwen, data, tmp_path, kw, match):
     with pytest.raises(DiffusmithError, match=match):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import signal
 import time
@@ -104,10 +105,16 @@ class TrainConfig:
             raise DiffusmithError(f"unknown --mixed-precision {self.mixed_precision!r}: use no, bf16 or fp16")
         if (self.max_steps is None) == (self.epochs is None):
             raise DiffusmithError("pass exactly one of --max-steps or --epochs")
-        for name in ("max_steps", "epochs", "batch_size", "gradient_accumulation", "save_every", "validate_every"):
+        for name in ("max_steps", "epochs", "batch_size", "gradient_accumulation", "save_every", "validate_every",
+                     "keep_checkpoints", "validation_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise DiffusmithError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        for name, value, meaning in (("max_grad_norm", self.max_grad_norm, " (0 turns clipping off)"),
+                                     ("validation_cfg_scale", self.validation_cfg_scale, "")):
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                    or value < 0):
+                raise DiffusmithError(f"--{name.replace('_', '-')} must be a number >= 0{meaning}, got {value!r}")
         if self.gradient_checkpointing_mode not in CHECKPOINTING_MODES:
             raise DiffusmithError(f"unknown --gradient-checkpointing-mode {self.gradient_checkpointing_mode!r}: "
                                   f"use {' or '.join(CHECKPOINTING_MODES)}")
