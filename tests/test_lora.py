@@ -206,6 +206,16 @@ def test_scale_half_merges_half_and_remove_restores(trained):
     assert remove_lora(model) == 0
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), None, "1", True])
+def test_a_scale_that_is_not_a_finite_number_is_refused_before_any_weight_changes(trained, scale):
+    lora = read_lora(trained.path, trained.base)
+    model = copy.deepcopy(trained.base)
+    with pytest.raises(DiffusmithError, match="LoRA scale must be a finite number"):
+        apply_lora(model, lora, scale)
+    for key, value in trained.base.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
 def test_merge_keeps_bf16_weights_bf16(trained):
     model = copy.deepcopy(trained.base).to(torch.bfloat16)
     apply_lora(model, read_lora(trained.path, model))

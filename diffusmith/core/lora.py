@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import re
 from collections import Counter
@@ -274,9 +275,9 @@ def apply_lora(model: nn.Module, lora: LoraWeights, scale: float = 1.0) -> None:
     The sum is taken in float32 and cast back to the weight's dtype, on the weight's device. Every module
     and shape is checked before any weight changes. The LoRA is recorded on the model for :func:`remove_lora`.
     """
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise DiffusmithError(f"LoRA scale must be a finite number, got {scale!r}")
     scale = float(scale)
-    if not math.isfinite(scale):
-        raise DiffusmithError(f"LoRA scale must be a finite number, got {scale}")
     modules = dict(model.named_modules())
     missing = [name for name in lora if name not in modules]
     if missing:
