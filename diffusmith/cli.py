@@ -358,17 +358,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"{args.file}: {lora}")
         return
     match = identify_file(args.file)
-    params = sum(_numel(shape) for shape, _ in header.values())
+    params = sum(math.prod(shape) for shape, _ in header.values())
     prefix = f", key prefix {match.prefix!r}" if match.prefix else ""
     print(f"{args.file}: {match.describe or match.name} ({len(header)} tensors, {params / 1e9:.2f}B parameters"
           f"{prefix})")
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 COMMANDS = {"generate": cmd_generate, "train": cmd_train, "cache": cmd_cache, "inspect": cmd_inspect}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import numbers
 import os
 import re
 from collections import Counter
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import DiffusmithError
+from ..errors import DiffusmithError, is_finite_number
 from .devices import resolve_dtype
 from .fp8 import Fp8Linear
 from .loading import find_weight_files, load_state_dict, read_safetensors_metadata
@@ -275,7 +274,7 @@ def apply_lora(model: nn.Module, lora: LoraWeights, scale: float = 1.0) -> None:
     The sum is taken in float32 and cast back to the weight's dtype, on the weight's device. Every module
     and shape is checked before any weight changes. The LoRA is recorded on the model for :func:`remove_lora`.
     """
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    if not is_finite_number(scale):
         raise DiffusmithError(f"LoRA scale must be a finite number, got {scale!r}")
     scale = float(scale)
     modules = dict(model.named_modules())

@@ -8,27 +8,22 @@ the user; ``generate --lora`` checks the names against the model it loads.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
-from pathlib import Path
 
-from .loading import read_safetensors_header
 from .lora import _DOTTED_PREFIXES, _FLAT_PREFIXES, _LORA_KEY, _TEXT_ENCODER_KEY
 
-__all__ = ["describe_lora_file", "describe_lora_header"]
+__all__ = ["describe_lora_header"]
 
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
                 "F8_E5M2": "float8_e5m2"}
 
 
-def describe_lora_file(path: str | Path) -> str | None:
-    """One line on the LoRA in ``path`` (a .safetensors file or a folder holding one), or None when its keys
-    are not all LoRA keys (it is some other checkpoint)."""
-    return describe_lora_header(read_safetensors_header(path))
-
-
 def describe_lora_header(header: Mapping[str, tuple[tuple[int, ...], str]]) -> str | None:
-    """:func:`describe_lora_file` for a header already read (key -> (shape, safetensors dtype name))."""
+    """One line on the LoRA a safetensors header describes (key -> (shape, safetensors dtype name), as
+    :func:`~.loading.read_safetensors_header` reads it), or None when its keys are not all LoRA keys (it is
+    some other checkpoint)."""
     text = [k for k in header if _TEXT_ENCODER_KEY.match(k)]
     matches = {k: _LORA_KEY.match(k) for k in header if k not in text}
     if not matches or any(m is None for m in matches.values()):
@@ -53,7 +48,7 @@ def describe_lora_header(header: Mapping[str, tuple[tuple[int, ...], str]]) -> s
     rank = (f"rank {next(iter(ranks))}" if len(ranks) == 1
             else "ranks " + ", ".join(f"{r} ({_count(n, 'module')})" for r, n in sorted(ranks.items())))
     dtypes = sorted({_DTYPE_NAMES.get(dtype, dtype) for _, dtype in header.values()})
-    params = sum(_numel(shape) for key, (shape, _) in header.items() if key in matches)
+    params = sum(math.prod(shape) for key, (shape, _) in header.items() if key in matches)
     parts = [f"LoRA ({' and '.join(sorted(styles))} keys"
              f"{f' under {prefix!r}' if prefix else ''}{', with alpha tensors' if has_alpha else ''})",
              f"{_count(len(names), 'module')} (e.g. {', '.join(shown)}{', ...' if len(names) > 3 else ''})",
@@ -73,10 +68,3 @@ def _common_prefix(names: list[str]) -> str:
 
 def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

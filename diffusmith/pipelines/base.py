@@ -14,7 +14,6 @@ Training runs the very same units with ``pipe.scheduler.training`` set and CFG o
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ from PIL import Image
 from ..core.compilation import CUDA_GRAPH_MODES, compile_repeated_blocks
 from ..core.lora import apply_lora, read_lora
 from ..core.offload import ModelPlacer, OffloadMode
-from ..errors import DiffusmithError
+from ..errors import DiffusmithError, is_finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +67,7 @@ def check_generation_inputs(*, prompt: object, negative_prompt: object, cfg_scal
         if not isinstance(text, str):
             raise DiffusmithError(f"{name} must be a string, got {type(text).__name__}; for several pictures call "
                                   "the pipeline once per prompt")
-    if (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale)
-            or cfg_scale < 0):
+    if not is_finite_number(cfg_scale) or cfg_scale < 0:
         raise DiffusmithError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise DiffusmithError(f"seed must be an integer or None (a random seed), got {seed!r}")

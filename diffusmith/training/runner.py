@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import os
 import signal
 import time
@@ -24,7 +23,7 @@ from ..core.attention import check_attention_backend, set_attention_backend
 from ..core.checkpointing import CHECKPOINTING_MODES, check_checkpointing_interval
 from ..core.devices import resolve_device
 from ..core.memory import CUDA_GRAPH_MODES, check_block_count, check_compile_mode, uses_cuda_graphs
-from ..errors import DiffusmithError
+from ..errors import DiffusmithError, is_finite_number
 from ..schedulers.flow_match import TimestepSampling
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from .data import load_dataset, make_dataloader
@@ -112,8 +111,7 @@ class TrainConfig:
                 raise DiffusmithError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         for name, value, meaning in (("max_grad_norm", self.max_grad_norm, " (0 turns clipping off)"),
                                      ("validation_cfg_scale", self.validation_cfg_scale, "")):
-            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-                    or value < 0):
+            if not is_finite_number(value) or value < 0:
                 raise DiffusmithError(f"--{name.replace('_', '-')} must be a number >= 0{meaning}, got {value!r}")
         if self.gradient_checkpointing_mode not in CHECKPOINTING_MODES:
             raise DiffusmithError(f"unknown --gradient-checkpointing-mode {self.gradient_checkpointing_mode!r}: "
