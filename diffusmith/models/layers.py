@@ -153,7 +153,7 @@ class _RMSNormKeepingInput(torch.autograd.Function):
         x, weight, inv_rms = ctx.saved_tensors
         need_x, need_weight = ctx.needs_input_grad[:2]
         x32 = x.float()
-        normed = x32 * inv_rms
+        normed = x32 * inv_rms if need_weight else None  # only the weight's gradient reads it
         grad_weight = None
         if weight is None:
             grad_normed = grad.float()
@@ -168,10 +168,12 @@ class _RMSNormKeepingInput(torch.autograd.Function):
                 grad_weight = (grad32 * normed).sum_to_size(weight.shape)
         grad_x = None
         if need_x:
-            # normed = x32 * inv_rms, inv_rms = rsqrt(mean(x32 ** 2) + eps): autograd's two paths to x32
+            # normed = x32 * inv_rms, inv_rms = rsqrt(mean(x32 ** 2) + eps): autograd's two paths to x32. Its
+            # pow's gradient is grad_mean * (2 * x32); the factor 2 goes on the per-row grad_mean instead (exact
+            # either way), which saves a product over all of x
             grad_inv_rms = (grad_normed * x32).sum(-1, keepdim=True)
             grad_mean = -0.5 * grad_inv_rms * inv_rms.pow(3) / x.shape[-1]
-            grad_x = (grad_normed * inv_rms + grad_mean * (2.0 * x32)).to(x.dtype)
+            grad_x = (grad_normed * inv_rms + (2.0 * grad_mean) * x32).to(x.dtype)
         return grad_x, grad_weight, None
 
 
