@@ -158,6 +158,39 @@ def test_backward_adds_the_input_gradients_inside_a_product():
     assert counts["peft"]["add"] >= 1
 
 
+def test_under_compile_the_sums_are_adds_the_compiler_can_fuse():
+    """Traced by torch.compile, the layer writes its two sums (the low-rank product into the base output, and
+    backward's two input gradients) as ``mm`` + ``add``: on a GPU inductor then fuses the add into the next
+    elementwise kernel. An ``addmm`` into a full matrix would stay an extern product that first copies that
+    matrix (and an in-place ``addmm_`` is functionalised into one). Same values and gradients as eager."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def capture(graph, example_inputs):
+        graphs.append(graph)
+        return graph
+
+    _, ours = pair()
+    x = torch.randn(2, 5, IN)
+    eager = outputs_and_grads(ours, x)
+    ours.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture), fullgraph=True)
+    got = outputs_and_grads(compiled, x)
+    torch._dynamo.reset()
+    for name, value in eager.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)  # fp32 sums in another order
+    assert len(graphs) == 2  # forward, backward
+    for graph in graphs:
+        ops = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+        full_addmm = [node for node in graph.graph.nodes if node.target in (torch.ops.aten.addmm.default,
+                                                                            torch.ops.aten.addmm_.default)
+                      and node.args[0].meta["val"].dim() == 2]
+        assert not full_addmm, graph.code
+        assert torch.ops.aten.add.Tensor in ops, graph.code
+
+
 @pytest.mark.parametrize("trainable", [{"x"}, {"down", "up"}, {"x", "down", "up"}, {"down"}, {"up"}],
                          ids=["x", "lora", "x+lora", "down", "up"])
 def test_gradients_match_peft_whichever_inputs_train(trainable):
