@@ -163,13 +163,14 @@ def test_under_compile_the_sums_are_adds_the_compiler_can_fuse():
     backward's two input gradients) as ``mm`` + ``add``: on a GPU inductor then fuses the add into the next
     elementwise kernel. An ``addmm`` into a full matrix would stay an extern product that first copies that
     matrix (and an in-place ``addmm_`` is functionalised into one). Same values and gradients as eager."""
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     graphs = []
 
     def capture(graph, example_inputs):
         graphs.append(graph)
-        return graph
+        return make_boxed_func(graph.forward)
 
     _, ours = pair()
     x = torch.randn(2, 5, IN)
