@@ -158,10 +158,11 @@ def test_backward_adds_the_input_gradients_inside_a_product():
     assert counts["peft"]["add"] >= 1
 
 
-def test_under_compile_the_sums_are_adds_the_compiler_can_fuse():
-    """Traced by torch.compile, the layer writes its two sums (the low-rank product into the base output, and
-    backward's two input gradients) as ``mm`` + ``add``: on a GPU inductor then fuses the add into the next
-    elementwise kernel. An ``addmm`` into a full matrix would stay an extern product that first copies that
+@pytest.mark.parametrize("call", ["training", "inference"])
+def test_under_compile_the_sums_are_adds_the_compiler_can_fuse(call):
+    """Traced by torch.compile, the layer writes its sums (the low-rank product into the base output, and in
+    training backward's two input gradients) as ``mm`` + ``add``: on a GPU inductor then fuses the add into the
+    next elementwise kernel. An ``addmm`` into a full matrix would stay an extern product that first copies that
     matrix (and an in-place ``addmm_`` is functionalised into one). Same values and gradients as eager."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -174,15 +175,18 @@ def test_under_compile_the_sums_are_adds_the_compiler_can_fuse():
 
     _, ours = pair()
     x = torch.randn(2, 5, IN)
-    eager = outputs_and_grads(ours, x)
-    ours.zero_grad(set_to_none=True)
-    torch._dynamo.reset()
-    compiled = torch.compile(ours, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture), fullgraph=True)
-    got = outputs_and_grads(compiled, x)
-    torch._dynamo.reset()
+    training = call == "training"
+    with torch.set_grad_enabled(training):
+        eager = outputs_and_grads(ours, x) if training else {"y": ours(x)}
+        ours.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+        compiled = torch.compile(ours, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture),
+                                 fullgraph=True)
+        got = outputs_and_grads(compiled, x) if training else {"y": compiled(x)}
+        torch._dynamo.reset()
     for name, value in eager.items():
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)  # fp32 sums in another order
-    assert len(graphs) == 2  # forward, backward
+    assert len(graphs) == (2 if training else 1)  # forward (and backward)
     for graph in graphs:
         ops = [node.target for node in graph.graph.nodes if node.op == "call_function"]
         full_addmm = [node for node in graph.graph.nodes if node.target in (torch.ops.aten.addmm.default,

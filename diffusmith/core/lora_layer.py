@@ -6,9 +6,8 @@ matrix products and nothing else: no pass over the output for the scale, none fo
 makes both, and their backward, for every layer, and spends several module calls of Python on each), and no
 copy of the base output into a new tensor (what an out-of-place ``addmm`` makes first).
 On a GPU, where a mid-size step is bound by kernel launches, that is about a tenth of the step's kernels.
-Under torch.compile the sums are written as a product and an add instead: on a GPU inductor fuses the add
-into the next elementwise kernel (a norm, GELU, a gate), where an ``addmm`` into a full matrix would stay an
-extern product that first copies that matrix.
+Under torch.compile the sums are a product and an add instead, which the compiler fuses into the next
+elementwise kernel (:func:`_add_low_rank`).
 In training, a plain Linear base and its LoRA run as one autograd Function, whose backward sums the two
 gradients of ``x`` (through the frozen weight and through ``down``) inside one product instead of one more
 pass over ``x``'s gradient.
@@ -54,11 +53,7 @@ class _FrozenLinearWithLora(torch.autograd.Function):
         hidden = x @ down.t()  # (tokens, r)
         ctx.save_for_backward(x, weight, down, up, hidden)
         ctx.scale = scale
-        if torch.compiler.is_compiling():  # a sum the compiler can fuse into the next elementwise kernel
-            return torch.add(base, hidden @ up.t(), alpha=scale)
-        if _outputs_may_be_kept():
-            return torch.addmm(base, hidden, up.t(), alpha=scale)
-        return base.addmm_(hidden, up.t(), alpha=scale)  # base is ours: nothing else holds it
+        return _add_low_rank(base, hidden, up, scale, owned=not _outputs_may_be_kept())  # base is ours
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -75,11 +70,23 @@ class _FrozenLinearWithLora(torch.autograd.Function):
                 grad_hidden = grad_hidden * ctx.scale
             if need_down:
                 grad_down = grad_hidden.t() @ x
-            if need_x and torch.compiler.is_compiling():
-                grad_x = grad @ weight + grad_hidden @ down
-            elif need_x:
-                grad_x = (grad @ weight).addmm_(grad_hidden, down)
+            if need_x:  # under compile a plain add, for the reason given in _add_low_rank
+                grad_x = (grad @ weight + grad_hidden @ down if torch.compiler.is_compiling()
+                          else (grad @ weight).addmm_(grad_hidden, down))
         return grad_x, None, None, grad_down, grad_up, None
+
+
+def _add_low_rank(base: torch.Tensor, hidden: torch.Tensor, up: torch.Tensor, scale: float, *,
+                  owned: bool) -> torch.Tensor:
+    """``base + scale * hidden @ up.T`` for 2-D ``base`` and ``hidden``: in place into ``base`` when the caller
+    ``owned`` it (nothing else can hold it), else into a new tensor. Under torch.compile it is a product and an
+    add, which inductor on a GPU fuses into the next elementwise kernel; an ``addmm`` into a full matrix would stay
+    an extern product that first copies that matrix."""
+    if torch.compiler.is_compiling():
+        return torch.add(base, hidden @ up.t(), alpha=scale)
+    if owned:  # autocast does not cast for in-place ops: done here (no-ops when the dtypes agree)
+        return base.addmm_(hidden.to(base.dtype), up.t().to(base.dtype), alpha=scale)
+    return torch.addmm(base, hidden, up.t(), alpha=scale)
 
 
 # selective checkpointing's dispatch modes (forward, recomputation): they keep the outputs of products
@@ -150,9 +157,8 @@ class LoraLinear(nn.Module):
         out = self.base_layer(x)  # (..., out)
         hidden = F.linear(x, down)  # (..., r)
         flat, low_rank = out.reshape(-1, self.out_features), hidden.reshape(-1, self.rank)  # (tokens, out), (tokens, r)
-        if out.dtype == dtype and self._owns_output(out):  # autocast does not cast for in-place ops: done here
-            return flat.addmm_(low_rank.to(dtype), up.t().to(dtype), alpha=self.scale).view(out.shape)
-        return torch.addmm(flat, low_rank, up.t(), alpha=self.scale).view(out.shape)
+        owned = out.dtype == dtype and self._owns_output(out)
+        return _add_low_rank(flat, low_rank, up, self.scale, owned=owned).view(out.shape)
 
     def _owns_output(self, out: torch.Tensor) -> bool:
         """Whether the base output may be summed into in place: nothing but this call can hold it (no autograd,
