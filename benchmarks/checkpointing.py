@@ -99,7 +99,7 @@ def markdown(results: dict[str, dict], base: str, ctx: run.Context, args, info: 
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
@@ -114,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=int, default=1,
                         help="--gradient-checkpointing-interval of the checkpointed modes (default 1: every block)")
     args = parser.parse_args(argv)
+    if args.compile and args.dtype != "bf16":
+        parser.error("--compile is measured in bf16 only")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("diffusmith").setLevel(logging.WARNING)
     device = torch.device(args.device)
@@ -124,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     state_dict = {k: v.detach().clone() for k, v in run.diffusmith_dit(size).state_dict().items()}
     ctx = run.Context(size, device, state_dict, run.make_inputs(size), gc_interval=args.interval)
-    if args.compile and args.dtype != "bf16":
-        parser.error("--compile is measured in bf16 only")
     suffix = "-compile" if args.compile else ""
     if args.compile:
         args.warmup = max(args.warmup, 3)  # the first steps compile the block's forward and backward

@@ -174,7 +174,9 @@ def run(args) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else common.cpu_model()
-    cfg = dataclasses.replace(PRESETS["real"], num_layers=args.layers or PRESETS["real"].num_layers)
+    real = PRESETS["real"]
+    cfg = dataclasses.replace(real, num_layers=args.layers or real.num_layers,
+                              num_attention_heads=args.heads or real.num_attention_heads)
     _, image_tokens = latent_grid(args)
     result: dict = {
         "mode": "infer" if args.infer else "train",
@@ -183,6 +185,7 @@ def run(args) -> dict:
         "device": name,
         "torch": torch.__version__,
         "layers": cfg.num_layers,
+        "heads": cfg.num_attention_heads,
         "pixels": args.size,
         "image_tokens": image_tokens,
         "text_tokens": args.text_len,
@@ -302,6 +305,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--layers", type=int, default=None, help="a smaller slice of the model (default 60)")
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    parser.add_argument("--heads", type=int, default=None,
+                        help="attention heads of 128 channels (default 24, the real width 3072); fewer make a "
+                             "narrower model: a quick check of the script on a CPU")
     parser.add_argument("--text-len", type=int, default=256)
     parser.add_argument("--text-valid", type=int, default=None, help="real text tokens (fewer: padding + mask)")
     parser.add_argument("--negative-len", type=int, default=None, help="--infer: negative prompt tokens "
@@ -325,7 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="after timing, profile two steps and print the top ROWS ops")
     parser.add_argument("--json", default=None)
     parser.add_argument("--results", default=None, help="a markdown file to write this run's section into")
-    parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with --layers 1")
+    parser.add_argument("--device", default="cuda",
+                        help="cpu: a smoke test of the script, with --layers and --heads (tests/test_gpu_job.py)")
     args = parser.parse_args(argv)
     if args.compile_mode in CUDA_GRAPH_MODES and (args.block_swap is not None or not (args.infer or args.no_gc)):
         parser.error("--compile-mode with CUDA graphs needs --no-gc (or --infer) and no --block-swap, as the trainer")

@@ -923,7 +923,7 @@ def results_by_mode(results: dict, mode: str, impls: list[str]) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--runs", type=int, default=10)
@@ -949,6 +949,11 @@ def main(argv: list[str] | None = None) -> int:
         args.modes = [m for m in MODES if args.device == "cuda" or m not in CUDA_GRAPHED]
     elif args.device != "cuda" and CUDA_GRAPHED & set(args.modes):
         parser.error(f"{', '.join(sorted(CUDA_GRAPHED & set(args.modes)))}: CUDA graphs need --device cuda")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("diffusmith").setLevel(logging.WARNING)
     with contextlib.suppress(ImportError):
