@@ -21,8 +21,9 @@ import sys
 import time
 
 import common
-import run
+import impls
 import torch
+import workload
 
 logger = logging.getLogger("benchmarks.checkpointing")
 
@@ -38,11 +39,11 @@ def timed(step, device) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(ctx: run.Context, modes: list[str], runs: int, warmup: int) -> dict[str, dict]:
+def measure(ctx: workload.Context, modes: list[str], runs: int, warmup: int) -> dict[str, dict]:
     runners = {}
     for mode in modes:
         torch.manual_seed(0)
-        runners[mode] = run.build_diffusmith(ctx, mode)
+        runners[mode] = impls.build_diffusmith(ctx, mode)
     walls: dict[str, list[float]] = {m: [] for m in modes}
     cpus: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(warmup + runs):
@@ -56,7 +57,7 @@ def measure(ctx: run.Context, modes: list[str], runs: int, warmup: int) -> dict[
                     ", ".join(f"{m} {walls[m][-1]:.3f}s" for m in modes if walls[m]))
     results = {}
     for mode, runner in runners.items():
-        run.free(ctx.device)
+        common.free(ctx.device)
         with common.PeakMemory(ctx.device) as peak:
             runner.step()
         results[mode] = {
@@ -70,7 +71,7 @@ def measure(ctx: run.Context, modes: list[str], runs: int, warmup: int) -> dict[
     return results
 
 
-def markdown(results: dict[str, dict], base: str, ctx: run.Context, args, info: dict, load_end: str) -> str:
+def markdown(results: dict[str, dict], base: str, ctx: workload.Context, args, info: dict, load_end: str) -> str:
     device = "GPU" if args.device == "cuda" else "CPU"
     lines = [
         f"### Gradient checkpointing modes, diffusmith LoRA step ({device}, {args.dtype}"
@@ -91,7 +92,7 @@ def markdown(results: dict[str, dict], base: str, ctx: run.Context, args, info: 
     ]
     ref = results[base]
     for mode, r in results.items():
-        gc = run.MODES[mode][2] or "none"
+        gc = workload.MODES[mode][2] or "none"
         lines.append(
             f"| {mode} | {gc} | {r['step_s']:.3g} | {r['step_s_min']:.3g} | {r['cpu_s']:.3g} | "
             f"{r['activation_mb']:.0f} | {r['activation_mb'] / ref['activation_mb']:.2f} | "
@@ -124,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("diffusmith").setLevel(logging.WARNING)
     device = torch.device(args.device)
-    size = run.SMALL if args.small else run.MID
+    size = workload.SMALL if args.small else workload.MID
     if args.layers:
         size = dataclasses.replace(size, layers=args.layers)
     info = common.machine_info(device)
     torch.manual_seed(0)
-    state_dict = {k: v.detach().clone() for k, v in run.diffusmith_dit(size).state_dict().items()}
-    ctx = run.Context(size, device, state_dict, run.make_inputs(size), gc_interval=args.interval)
+    state_dict = {k: v.detach().clone() for k, v in impls.diffusmith_dit(size).state_dict().items()}
+    ctx = workload.Context(size, device, state_dict, workload.make_inputs(size), gc_interval=args.interval)
     suffix = "-compile" if args.compile else ""
     if args.compile:
         args.warmup = max(args.warmup, 3)  # the first steps compile the block's forward and backward

@@ -62,6 +62,17 @@ def median(values: Iterable[float]) -> float:
 # Memory
 # ---------------------------------------------------------------------------------------------------------
 
+
+def free(device) -> None:
+    """Give back what the last run left: Python garbage, torch's cached CUDA blocks, glibc's free heap."""
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    malloc_trim()
+
+
 def malloc_trim() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -54,24 +54,25 @@ def foreach_adamw() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import run
+    import impls
+    import workload
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=list(run.SIZES), default="overhead")
+    parser.add_argument("--size", choices=list(workload.SIZES), default="overhead")
     parser.add_argument("--modes", nargs="+", default=["train-bf16", "train-fp32", "infer-bf16"],
-                        choices=[m for m in run.MODES if m not in run.COMPILED])
-    parser.add_argument("--impls", nargs="+", default=list(run.IMPLS), choices=list(run.IMPLS))
+                        choices=[m for m in workload.MODES if m not in workload.COMPILED])
+    parser.add_argument("--impls", nargs="+", default=list(workload.IMPLS), choices=list(workload.IMPLS))
     args = parser.parse_args(argv)
     foreach_adamw()
-    size = run.SIZES[args.size]
+    size = workload.SIZES[args.size]
     torch.manual_seed(0)
-    state_dict = {k: v.detach().clone() for k, v in run.diffusers_transformer(size).state_dict().items()}
-    ctx = run.Context(size, torch.device("cpu"), state_dict, run.make_inputs(size), padded_text=False)
+    state_dict = {k: v.detach().clone() for k, v in impls.diffusers_transformer(size).state_dict().items()}
+    ctx = workload.Context(size, torch.device("cpu"), state_dict, workload.make_inputs(size), padded_text=False)
     print(f"| mode | {' | '.join(args.impls)} |\n|---|{'---|' * len(args.impls)}")
     for mode in args.modes:
         cells = []
         for name in args.impls:
-            runner = run.BUILDERS[name](ctx, mode)
+            runner = impls.BUILDERS[name](ctx, mode)
             for _ in range(2):  # lazily built state (optimizer moments, rope tables) out of the count
                 runner.step()
             with OpCounter() as counter:
