@@ -361,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.results:
-        tag = (f"gpu.py:{result['mode']}" + (f"-swap{args.block_swap}" if args.block_swap is not None else "")
+        # a smaller model (--layers, --heads) gets its own section, never the real size's
+        tag = (f"gpu.py:{result['mode']}" + (f"-{args.layers}blocks" if args.layers else "")
+               + (f"-{args.heads}heads" if args.heads else "")
+               + (f"-swap{args.block_swap}" if args.block_swap is not None else "")
                + ("-nogc" if args.no_gc and not args.infer else "")
                + ("-selective" if args.gc_mode == "selective" and not (args.infer or args.no_gc) else "")
                + (f"-every{args.gc_interval}" if args.gc_interval != 1 and not (args.infer or args.no_gc) else "")
@@ -382,7 +385,8 @@ def markdown(r: dict) -> str:
         title += (f", negative prompt {r['negative_tokens']} tokens"
                   + (", both predictions as one batch" if r["batch_cfg"] else ""))
     swap = f", block swap: {r['block_swap']} blocks on the GPU" if r.get("block_swap") is not None else ""
-    head = f"### Real-size DiT, {title}{swap}"
+    real = r.get("layers") == 60 and r.get("heads", 24) == 24
+    head = f"### {'Real-size' if real else 'Reduced'} DiT, {title}{swap}"
     if "error" in r:
         return f"{head}\n\n`{r['command']}` failed: {r['error']}"
     mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
@@ -394,7 +398,8 @@ def markdown(r: dict) -> str:
     kernel = "" if r.get("attention_backend", "auto") == "auto" else f", attention backend {r['attention_backend']}"
     lines = [
         head, "",
-        f"{r['device']}, torch {r['torch']}; {r['layers']} blocks ({r['params_b']:.2f}B parameters, {storage}, "
+        f"{r['device']}, torch {r['torch']}; {r['layers']} blocks of {r.get('heads', 24)} heads ({r['params_b']:.2f}B "
+        f"parameters, {storage}, "
         f"{r['weights_gb']:.1f} GiB), {r['pixels']}x{r['pixels']} ({r['image_tokens']} image tokens), text "
         f"{r['text_tokens']} tokens, batch 1" + (f", LoRA {r['lora_params_m']:.1f}M ({r['lora_dtype']}), "
                                                  f"gradient checkpointing {r.get('gc_mode', 'full')}"

@@ -89,4 +89,6 @@ def test_the_job_gpu_runs_complete_on_a_tiny_model(argv, tmp_path):
     assert 0 < r["model_tflop"] <= r["hardware_tflop"]
     if "--block-swap" in argv and r["block_swap"] < r["layers"]:  # some blocks streamed: their copies counted
         assert r["swap_stats"]["prefetches"] + r["swap_stats"]["fetches"] > 0
-    assert "### Real-size DiT" in results.read_text()
+    text = results.read_text()
+    assert "### Reduced DiT" in text and "2 blocks of 1 heads" in text
+    assert "<!-- gpu.py:" in text and "-2blocks-1heads" in text  # not the real size's section
