@@ -70,9 +70,8 @@ class _FrozenLinearWithLora(torch.autograd.Function):
                 grad_hidden = grad_hidden * ctx.scale
             if need_down:
                 grad_down = grad_hidden.t() @ x
-            if need_x:  # under compile a plain add, for the reason given in _add_low_rank
-                grad_x = (grad @ weight + grad_hidden @ down if torch.compiler.is_compiling()
-                          else (grad @ weight).addmm_(grad_hidden, down))
+            if need_x:  # grad @ weight + grad_hidden @ down, summed as the forward sums (a fresh base: ours)
+                grad_x = _add_low_rank(grad @ weight, grad_hidden, down.t(), 1.0, owned=True)
         return grad_x, None, None, grad_down, grad_up, None
 
 
