@@ -263,9 +263,12 @@ def cmd_cache(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     if args.num_processes > 1:
         return _relaunch_with_accelerate(args)
+    from .training.distributed import end_process_group
     from .training.runner import train
 
     final = train(_train_config(args))
+    end_process_group()  # the process is the command's own: nothing else uses its group (not on an error,
+    # where a peer may still be inside a collective and NCCL's teardown would wait for it)
     if os.environ.get("RANK", "0") == "0":  # one line, not one per data-parallel process
         print(f"saved {final}")
 

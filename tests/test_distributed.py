@@ -139,3 +139,20 @@ def test_sharding_mistakes_are_one_line(tiny_qwen, tmp_path, capsys, extra, matc
     assert code == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
+
+
+def test_train_command_closes_the_process_group_it_ran_in(tmp_path, monkeypatch):
+    """A launched process that exits with its group open can abort at exit after saving; the command closes
+    it once training returned (here a one-process gloo group stands for the launcher's)."""
+    import torch.distributed as dist
+
+    from diffusmith.training import runner
+
+    monkeypatch.setattr(runner, "train", lambda config: tmp_path / "final.safetensors")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert main(["train", "--model", "m", "--dataset", "d", "--output", str(tmp_path / "run")]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -40,6 +40,15 @@ SHARDING = ("none", "fsdp", "deepspeed-zero1", "deepspeed-zero2")
 _TRUE = ("true", "1", "yes")
 
 
+def end_process_group() -> None:
+    """Close the process group a launcher (accelerate launch, torchrun) opened, once the process's work is
+    done: a process that exits with it still open can abort at exit ("terminate called without an active
+    exception") after everything was saved. For the command line, which owns its process; a no-op when
+    no group is open."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def is_sharded(tensor: torch.Tensor) -> bool:
     """True for a tensor FSDP split over the processes (a DTensor)."""
     try:
