@@ -246,6 +246,32 @@ def test_rms_norm_module_equals_the_function(dtype, weight_dtype, autocast, weig
         assert norm.weight.grad is None
 
 
+@pytest.mark.parametrize("dtype, weight_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+    (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16), (torch.bfloat16, None),
+])
+@pytest.mark.parametrize("dim", [128, 3584])  # the q/k norms' head width, the prompt norm's
+def test_rms_norm_is_the_references_bitwise(dtype, weight_dtype, dim):
+    """Without autograd (inference) and in the keep-the-input Function (training), the values are diffusers'
+    RMSNorm's, bit for bit, in every dtype pairing of activations and weight."""
+    from diffusers.models.normalization import RMSNorm as ReferenceRMSNorm
+
+    from diffusmith.models.layers import rms_norm, rms_norm_keeping_input
+
+    g = torch.Generator().manual_seed(dim)
+    x = (torch.randn(3, 37, 2, dim, generator=g) * 3).to(dtype)
+    reference = ReferenceRMSNorm(dim, eps=1e-6, elementwise_affine=weight_dtype is not None)
+    if weight_dtype is not None:
+        reference.weight.data = (torch.rand(dim, generator=g) + 0.5).to(weight_dtype)
+    weight = None if weight_dtype is None else reference.weight.detach()
+    with torch.no_grad():
+        # diffusers keeps a float32 weight's product in float32; diffusmith rounds it to x's dtype once
+        expected = reference(x).to(dtype if weight_dtype in (None, torch.float32) else weight_dtype)
+        assert torch.equal(rms_norm(x, weight, 1e-6), expected)
+    out = rms_norm_keeping_input(x.clone().requires_grad_(True), weight, 1e-6)
+    assert out.grad_fn is not None and torch.equal(out.detach(), expected)
+
+
 @pytest.mark.parametrize("dtype, mod_dtype, autocast", [
     (torch.float32, torch.float32, False),
     (torch.bfloat16, torch.bfloat16, False),
