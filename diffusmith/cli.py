@@ -267,8 +267,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .training.runner import train
 
     final = train(_train_config(args))
-    end_process_group()  # the process is the command's own: nothing else uses its group (not on an error,
-    # where a peer may still be inside a collective and NCCL's teardown would wait for it)
+    # the process is the command's own, so nothing else uses its group; not closed on an error, where a peer
+    # may still be inside a collective and NCCL's teardown would wait for it
+    end_process_group()
     if os.environ.get("RANK", "0") == "0":  # one line, not one per data-parallel process
         print(f"saved {final}")
 
