@@ -11,6 +11,7 @@ from PIL import Image
 
 from diffusmith import DiffusmithError, PipelineUnit, QwenImagePipeline
 from diffusmith.pipelines.qwen_image import QwenImageUnit_InputImageEmbedder, join_cfg_sides
+from diffusmith.models import layers
 
 STEPS = 3
 
@@ -269,8 +270,12 @@ def test_batched_cfg_velocity_equals_two_predictions(pipe):
 
 
 @pytest.mark.parametrize("offload", ["none", "sequential"])
-def test_compiled_blocks_give_the_same_picture(tiny_qwen, pipe, offload):
-    """pipe.compile() (eager backend: the tracing in seconds; fullgraph: a graph break is an error)."""
+def test_compiled_blocks_give_the_same_picture(tiny_qwen, pipe, offload, monkeypatch):
+    """pipe.compile() (eager backend: the tracing in seconds; fullgraph: a graph break is an error).
+
+    Compiled code runs the MLP's projection and GELU as two ops; eager CPU inference fuses them (one rounding
+    fewer: tests/test_fused_linear_gelu.py), so the eager side runs them unfused here, for a bitwise check."""
+    monkeypatch.setattr(layers, "_fuses_linear_gelu", lambda proj, x: False)
     folder, _ = tiny_qwen
     compiled = QwenImagePipeline.from_pretrained(folder, offload=offload)
     compiled.compile(backend="eager", fullgraph=True)
