@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from diffusmith import DiffusmithError, PipelineUnit, QwenImagePipeline
-from diffusmith.pipelines.qwen_image import QwenImageUnit_InputImageEmbedder, join_cfg_sides
 from diffusmith.models import layers
+from diffusmith.pipelines.qwen_image import QwenImageUnit_InputImageEmbedder, join_cfg_sides
 
 STEPS = 3
 
