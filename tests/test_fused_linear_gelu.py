@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffusmith.core.lora_layer import LoraLinear
 from diffusmith.models import layers
 from diffusmith.models.layers import GeluProjection
 
-pytestmark = pytest.mark.skipif(not layers._MKLDNN_LINEAR_DTYPES(), reason="this torch has no oneDNN linear")
+pytestmark = pytest.mark.skipif(not layers._onednn_linear_dtypes(), reason="this torch has no oneDNN linear")
 
 
 def _module(dtype: torch.dtype) -> GeluProjection:
@@ -72,7 +73,7 @@ def test_a_flop_counter_sees_the_product():
     assert counter.get_total_flops() == 2 * 9 * 64 * 256
 
 
-def test_a_wrapped_or_hooked_projection_is_not_fused():
+def test_a_hooked_projection_is_not_fused():
     module = _module(torch.float32)
     x = torch.randn(1, 9, 64)
     calls = []
@@ -80,3 +81,17 @@ def test_a_wrapped_or_hooked_projection_is_not_fused():
     with torch.no_grad():
         assert not _ran_fused(lambda: module(x))
     assert calls  # the hook ran: the module's own forward was called
+
+
+def test_a_lora_wrapped_projection_is_not_fused_and_keeps_its_low_rank_term():
+    module = _module(torch.float32)
+    x = torch.randn(1, 9, 64)
+    base = module.proj
+    module.proj = LoraLinear(base, rank=4, alpha=4)
+    with torch.no_grad():
+        module.proj.up.normal_()  # a non-zero update, which the fused kernel would leave out
+        assert not _ran_fused(lambda: module(x))
+        out = module(x)
+        delta = F.linear(F.linear(x, module.proj.down), module.proj.up) * module.proj.scale
+        expected = F.gelu(base(x) + delta, approximate="tanh")
+    torch.testing.assert_close(out, expected)

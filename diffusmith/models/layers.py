@@ -264,7 +264,7 @@ def _fuses_linear_gelu(proj: nn.Module, x: torch.Tensor) -> bool:
         return False
     if x.device.type != "cpu" or type(proj) is not nn.Linear:
         return False
-    if x.dtype not in _MKLDNN_LINEAR_DTYPES() or proj.weight.dtype != x.dtype or proj.weight.device.type != "cpu":
+    if x.dtype not in _onednn_linear_dtypes() or proj.weight.dtype != x.dtype or proj.weight.device.type != "cpu":
         return False
     if proj.bias is not None and proj.bias.dtype != x.dtype:
         return False
@@ -274,7 +274,7 @@ def _fuses_linear_gelu(proj: nn.Module, x: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _MKLDNN_LINEAR_DTYPES() -> tuple[torch.dtype, ...]:
+def _onednn_linear_dtypes() -> tuple[torch.dtype, ...]:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return ()
     return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
